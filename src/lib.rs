@@ -1,0 +1,10 @@
+//! damselfly: peer-to-peer distribution of container images for containerd.
+//!
+//! - [`store`]: the node's content store, the one copy of every blob;
+//! - [`plugin`]: containerd's Content service over that store, on a unix socket;
+//! - [`daemon`]: dfdaemon, which ties them together on a node.
+
+pub mod daemon;
+pub mod plugin;
+pub mod store;
+pub mod telemetry;

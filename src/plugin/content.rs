@@ -1,0 +1,381 @@
+//! The containerd Content service over the [`Store`], with the semantics of
+//! containerd's own content server (status codes included), so that
+//! containerd, its clients and its conformance suite cannot tell the difference.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use containerd_client::services::v1::{
+    AbortRequest, DeleteContentRequest, Info, InfoRequest, InfoResponse, ListContentRequest,
+    ListContentResponse, ListStatusesRequest, ListStatusesResponse, ReadContentRequest,
+    ReadContentResponse, Status as IngestStatusMsg, StatusRequest, StatusResponse, UpdateRequest,
+    UpdateResponse, WriteAction, WriteContentRequest, WriteContentResponse,
+};
+use futures::Stream;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio::task::block_in_place;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::content_api::content_server::Content;
+use super::filter::Filter;
+use super::timestamp;
+use crate::store::{BlobInfo, Digest, Ingest, IngestStatus, LabelUpdate, Store, StoreError};
+
+/// Bytes per Read response message (containerd's server uses the same).
+const READ_CHUNK: usize = 1 << 20;
+/// Infos per List response message.
+const LIST_BATCH: usize = 100;
+/// Longest label (key plus value) accepted, as containerd's metadata enforces.
+const MAX_LABEL_BYTES: usize = 4096;
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The Content service.
+pub struct ContentService {
+    store: Arc<Store>,
+}
+
+impl ContentService {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+}
+
+#[tonic::async_trait]
+impl Content for ContentService {
+    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let digest = parse_digest(&request.get_ref().digest)?;
+        let info = block_in_place(|| self.store.info(&digest))?;
+        Ok(Response::new(InfoResponse {
+            info: Some(info_message(info)),
+        }))
+    }
+
+    async fn update(
+        &self,
+        request: Request<UpdateRequest>,
+    ) -> Result<Response<UpdateResponse>, Status> {
+        let request = request.into_inner();
+        let info = request
+            .info
+            .ok_or_else(|| Status::invalid_argument("update without info"))?;
+        let digest = parse_digest(&info.digest)?;
+        validate_labels(&info.labels)?;
+        let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+        let update = label_update(info.labels, &paths)?;
+        let info = block_in_place(|| self.store.update_labels(&digest, update))?;
+        Ok(Response::new(UpdateResponse {
+            info: Some(info_message(info)),
+        }))
+    }
+
+    type ListStream = ResponseStream<ListContentResponse>;
+
+    async fn list(
+        &self,
+        request: Request<ListContentRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let filter = parse_filter(&request.get_ref().filters)?;
+        // A snapshot: containerd's GC deletes blobs while it reads the list.
+        let infos: Vec<Info> = block_in_place(|| self.store.list())?
+            .into_iter()
+            .filter(|info| filter.matches(|path| blob_field(info, path)))
+            .map(info_message)
+            .collect();
+        let batches: Vec<_> = infos
+            .chunks(LIST_BATCH)
+            .map(|batch| {
+                Ok(ListContentResponse {
+                    info: batch.to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(batches))))
+    }
+
+    async fn delete(&self, request: Request<DeleteContentRequest>) -> Result<Response<()>, Status> {
+        let digest = parse_digest(&request.get_ref().digest)?;
+        block_in_place(|| self.store.delete(&digest))?;
+        tracing::debug!(%digest, "deleted");
+        Ok(Response::new(()))
+    }
+
+    type ReadStream = ResponseStream<ReadContentResponse>;
+
+    async fn read(
+        &self,
+        request: Request<ReadContentRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let request = request.into_inner();
+        let digest = parse_digest(&request.digest)?;
+        let size = block_in_place(|| self.store.info(&digest))?.size;
+        let offset = request.offset.max(0);
+        if offset > size {
+            return Err(Status::out_of_range(format!(
+                "read at {offset} is beyond the end of {digest} ({size} bytes)"
+            )));
+        }
+        // Like containerd: a missing or too large size reads to the end.
+        let len = if request.size <= 0 || offset + request.size > size {
+            size - offset
+        } else {
+            request.size
+        };
+        let path = self.store.blob_path(&digest);
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| StoreError::io(format!("open {digest}"), e))?;
+        file.seek(std::io::SeekFrom::Start(offset as u64))
+            .await
+            .map_err(|e| StoreError::io(format!("seek {digest}"), e))?;
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut sent = 0i64;
+            while sent < len {
+                let n = READ_CHUNK.min((len - sent) as usize);
+                let mut data = vec![0u8; n];
+                let message = match file.read_exact(&mut data).await {
+                    Ok(_) => Ok(ReadContentResponse {
+                        offset: offset + sent,
+                        data,
+                    }),
+                    Err(e) => Err(Status::from(StoreError::io(format!("read {digest}"), e))),
+                };
+                let failed = message.is_err();
+                // A closed channel means the client has read what it wanted.
+                if tx.send(message).await.is_err() || failed {
+                    return;
+                }
+                sent += n as i64;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let status = block_in_place(|| self.store.status(&request.get_ref().r#ref))?;
+        Ok(Response::new(StatusResponse {
+            status: Some(status_message(status)),
+        }))
+    }
+
+    async fn list_statuses(
+        &self,
+        request: Request<ListStatusesRequest>,
+    ) -> Result<Response<ListStatusesResponse>, Status> {
+        let filter = parse_filter(&request.get_ref().filters)?;
+        let statuses = block_in_place(|| self.store.statuses())?
+            .into_iter()
+            .filter(|status| {
+                filter.matches(|path| match path {
+                    [field] if field == "ref" => Some(status.reference.as_str()),
+                    _ => None,
+                })
+            })
+            .map(status_message)
+            .collect();
+        Ok(Response::new(ListStatusesResponse { statuses }))
+    }
+
+    type WriteStream = ResponseStream<WriteContentResponse>;
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteContentRequest>>,
+    ) -> Result<Response<Self::WriteStream>, Status> {
+        let store = self.store.clone();
+        let mut requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            // The session (and with it the ref's lock) ends inside
+            // `write_session`, before its error is sent: a client that
+            // reopens the ref on seeing the error must find it unlocked.
+            if let Err(status) = write_session(&store, &mut requests, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn abort(&self, request: Request<AbortRequest>) -> Result<Response<()>, Status> {
+        block_in_place(|| self.store.abort(&request.get_ref().r#ref))?;
+        Ok(Response::new(()))
+    }
+}
+
+/// One Write stream: opens the writer named by the first message, then
+/// answers each message in order with exactly one response, until COMMIT or
+/// the client's end of the stream.
+async fn write_session(
+    store: &Arc<Store>,
+    requests: &mut Streaming<WriteContentRequest>,
+    responses: &mpsc::Sender<Result<WriteContentResponse, Status>>,
+) -> Result<(), Status> {
+    let Some(mut request) = requests.message().await? else {
+        return Ok(());
+    };
+    if request.r#ref.is_empty() {
+        return Err(Status::invalid_argument(
+            "first message must have a reference",
+        ));
+    }
+    let reference = request.r#ref.clone();
+    let mut total = request.total;
+    let mut expected = parse_optional_digest(&request.expected)?;
+    let mut ingest = block_in_place(|| store.writer(&reference, total, expected.clone()))?;
+    loop {
+        let action = WriteAction::try_from(request.action).map_err(|_| {
+            Status::invalid_argument(format!("unknown write action {}", request.action))
+        })?;
+        if let Some(new) = parse_optional_digest(&request.expected)? {
+            if store.blob_path(&new).exists() {
+                drop(ingest);
+                block_in_place(|| store.abort(&reference))?;
+                return Err(StoreError::AlreadyExists(format!("content {new}")).into());
+            }
+            expected = Some(new);
+        }
+        if request.total > 0 {
+            total = request.total;
+        }
+        let response = match action {
+            WriteAction::Stat => stat_response(&ingest, total),
+            WriteAction::Write | WriteAction::Commit => block_in_place(|| -> Result<_, Status> {
+                write_or_commit(&mut ingest, action, request, total, expected.as_ref())
+            })?,
+        };
+        if responses.send(Ok(response)).await.is_err() {
+            return Ok(());
+        }
+        if action == WriteAction::Commit {
+            return Ok(());
+        }
+        request = match requests.message().await {
+            Ok(Some(request)) => request,
+            // End of stream: the client closed its writer. An error: it went away.
+            Ok(None) | Err(_) => return Ok(()),
+        };
+    }
+}
+
+fn stat_response(ingest: &Ingest, total: i64) -> WriteContentResponse {
+    let status = ingest.status();
+    WriteContentResponse {
+        action: WriteAction::Stat.into(),
+        started_at: timestamp(status.started_at),
+        updated_at: timestamp(status.updated_at),
+        offset: status.offset,
+        total,
+        digest: ingest.digest().to_string(),
+    }
+}
+
+fn write_or_commit(
+    ingest: &mut Ingest,
+    action: WriteAction,
+    request: WriteContentRequest,
+    total: i64,
+    expected: Option<&Digest>,
+) -> Result<WriteContentResponse, Status> {
+    ingest.write(request.offset, &request.data)?;
+    let digest = if action == WriteAction::Commit {
+        validate_labels(&request.labels)?;
+        let digest = ingest.commit(total, expected, request.labels)?;
+        tracing::debug!(reference = ingest.reference(), %digest, size = ingest.offset(), "committed");
+        digest
+    } else {
+        ingest.digest()
+    };
+    let status = ingest.status();
+    Ok(WriteContentResponse {
+        action: action.into(),
+        started_at: timestamp(status.started_at),
+        updated_at: timestamp(status.updated_at),
+        offset: status.offset,
+        total,
+        digest: digest.to_string(),
+    })
+}
+
+/// The labels change an Update asks for: no field paths or `labels` replace
+/// them all; `labels.<key>` sets (or, with no value, removes) one key.
+fn label_update(labels: HashMap<String, String>, paths: &[String]) -> Result<LabelUpdate, Status> {
+    if paths.is_empty() || paths.iter().any(|p| p == "labels") {
+        return Ok(LabelUpdate::ReplaceAll(labels));
+    }
+    let mut keys = HashMap::new();
+    for path in paths {
+        let key = path.strip_prefix("labels.").ok_or_else(|| {
+            Status::invalid_argument(format!("cannot update {path:?} field on content info"))
+        })?;
+        keys.insert(key.to_owned(), labels.get(key).cloned().unwrap_or_default());
+    }
+    Ok(LabelUpdate::Keys(keys))
+}
+
+fn validate_labels(labels: &HashMap<String, String>) -> Result<(), Status> {
+    for (key, value) in labels {
+        if key.is_empty() {
+            return Err(Status::invalid_argument("empty label key"));
+        }
+        if key.len() + value.len() > MAX_LABEL_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "label {key:?} is longer than {MAX_LABEL_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A field of a blob's info, for filters: `digest` and `labels.<key>`.
+fn blob_field<'a>(info: &'a BlobInfo, path: &[String]) -> Option<&'a str> {
+    match path {
+        [field] if field == "digest" => Some(info.digest.as_str()),
+        [field, key @ ..] if field == "labels" && !key.is_empty() => {
+            info.labels.get(&key.join(".")).map(String::as_str)
+        }
+        _ => None,
+    }
+}
+
+fn parse_digest(digest: &str) -> Result<Digest, Status> {
+    Ok(digest.parse::<Digest>()?)
+}
+
+fn parse_optional_digest(digest: &str) -> Result<Option<Digest>, Status> {
+    if digest.is_empty() {
+        return Ok(None);
+    }
+    parse_digest(digest).map(Some)
+}
+
+fn parse_filter(filters: &[String]) -> Result<Filter, Status> {
+    Filter::parse_all(filters).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn info_message(info: BlobInfo) -> Info {
+    Info {
+        digest: info.digest.to_string(),
+        size: info.size,
+        created_at: timestamp(info.created_at),
+        updated_at: timestamp(info.updated_at),
+        labels: info.labels,
+    }
+}
+
+fn status_message(status: IngestStatus) -> IngestStatusMsg {
+    IngestStatusMsg {
+        started_at: timestamp(status.started_at),
+        updated_at: timestamp(status.updated_at),
+        r#ref: status.reference,
+        offset: status.offset,
+        total: status.total,
+        expected: status.expected,
+    }
+}

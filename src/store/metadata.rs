@@ -1,0 +1,194 @@
+//! The store's embedded database (redb): labels and timestamps of committed
+//! blobs, and the parameters of ingests in progress. Blob and ingest *bytes*
+//! live in files; this holds only what the file system cannot.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+
+/// Committed blobs, keyed by digest string.
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+/// Ingests in progress, keyed by ref.
+const INGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("ingests");
+
+/// The database's page cache: metadata is small, and node memory is not ours.
+const CACHE_BYTES: usize = 4 << 20;
+
+/// What the database knows of a committed blob.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BlobMeta {
+    /// Commit time, nanoseconds since the Unix epoch.
+    pub created_at: i64,
+    /// Last label update, nanoseconds since the Unix epoch.
+    pub updated_at: i64,
+    pub labels: HashMap<String, String>,
+}
+
+/// What the database knows of an ingest in progress.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct IngestMeta {
+    /// Expected total size, 0 when unknown.
+    pub total: i64,
+    /// Expected digest, empty when unknown.
+    pub expected: String,
+    /// Start time, nanoseconds since the Unix epoch.
+    pub started_at: i64,
+    /// Time of the last write, nanoseconds since the Unix epoch.
+    pub updated_at: i64,
+}
+
+/// Handle on the metadata database.
+pub struct Metadata {
+    db: Database,
+}
+
+impl Metadata {
+    /// Opens (or creates) the database at `path` and makes sure its tables exist.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| db_error("open metadata database", e))?;
+        let txn = db.begin_write().map_err(|e| db_error("begin", e))?;
+        txn.open_table(BLOBS)
+            .map_err(|e| db_error("create blobs table", e))?;
+        txn.open_table(INGESTS)
+            .map_err(|e| db_error("create ingests table", e))?;
+        txn.commit().map_err(|e| db_error("commit", e))?;
+        Ok(Self { db })
+    }
+
+    pub fn blob(&self, digest: &str) -> Result<Option<BlobMeta>, StoreError> {
+        self.get(BLOBS, digest)
+    }
+
+    pub fn put_blob(&self, digest: &str, meta: &BlobMeta) -> Result<(), StoreError> {
+        self.put(BLOBS, digest, meta)
+    }
+
+    pub fn remove_blob(&self, digest: &str) -> Result<(), StoreError> {
+        self.remove(BLOBS, digest)
+    }
+
+    pub fn ingest(&self, reference: &str) -> Result<Option<IngestMeta>, StoreError> {
+        self.get(INGESTS, reference)
+    }
+
+    pub fn put_ingest(&self, reference: &str, meta: &IngestMeta) -> Result<(), StoreError> {
+        self.put(INGESTS, reference, meta)
+    }
+
+    /// Records an ingest's last write time, unless the ingest was removed
+    /// (aborted) meanwhile: an abort must not be undone by its writer closing.
+    pub fn touch_ingest(&self, reference: &str, updated_at: i64) -> Result<(), StoreError> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| db_error("begin write", e))?;
+        {
+            let mut table = txn
+                .open_table(INGESTS)
+                .map_err(|e| db_error("open table", e))?;
+            let current = table
+                .get(reference)
+                .map_err(|e| db_error("get", e))?
+                .map(|v| decode::<IngestMeta>(v.value()))
+                .transpose()?;
+            if let Some(mut meta) = current {
+                meta.updated_at = updated_at;
+                let bytes = serde_json::to_vec(&meta).expect("metadata serializes");
+                table
+                    .insert(reference, bytes.as_slice())
+                    .map_err(|e| db_error("insert", e))?;
+            }
+        }
+        txn.commit().map_err(|e| db_error("commit", e))
+    }
+
+    pub fn remove_ingest(&self, reference: &str) -> Result<(), StoreError> {
+        self.remove(INGESTS, reference)
+    }
+
+    /// Every ingest ref the database knows, in key order.
+    pub fn ingests(&self) -> Result<Vec<(String, IngestMeta)>, StoreError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| db_error("begin read", e))?;
+        let table = txn
+            .open_table(INGESTS)
+            .map_err(|e| db_error("open ingests", e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| db_error("iterate ingests", e))? {
+            let (key, value) = entry.map_err(|e| db_error("read ingest", e))?;
+            out.push((key.value().to_owned(), decode(value.value())?));
+        }
+        Ok(out)
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| db_error("begin read", e))?;
+        let table = txn
+            .open_table(table)
+            .map_err(|e| db_error("open table", e))?;
+        let value = table.get(key).map_err(|e| db_error("get", e))?;
+        value.map(|v| decode(v.value())).transpose()
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).expect("metadata serializes");
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| db_error("begin write", e))?;
+        {
+            let mut table = txn
+                .open_table(table)
+                .map_err(|e| db_error("open table", e))?;
+            table
+                .insert(key, bytes.as_slice())
+                .map_err(|e| db_error("insert", e))?;
+        }
+        txn.commit().map_err(|e| db_error("commit", e))
+    }
+
+    fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| db_error("begin write", e))?;
+        {
+            let mut table = txn
+                .open_table(table)
+                .map_err(|e| db_error("open table", e))?;
+            table.remove(key).map_err(|e| db_error("remove", e))?;
+        }
+        txn.commit().map_err(|e| db_error("commit", e))
+    }
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("undecodable metadata record: {e}")))
+}
+
+fn db_error(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(format!("{what}: {e}"))
+}

@@ -1,0 +1,396 @@
+//! The node's content store: the one copy of every blob containerd uses.
+//!
+//! Layout under the data directory (the shape of containerd's own store):
+//! - `blobs/sha256/<hex>`: committed blobs, read-only, renamed into place only
+//!   after their digest was verified and their bytes fsynced;
+//! - `ingest/<sha256 of ref>/data`: writes in progress, resumable after a crash;
+//! - `metadata.redb`: labels and timestamps of blobs, parameters of ingests.
+//!
+//! No path is built from a ref or a digest that was not validated: ingest
+//! directories are named by the hash of the ref, blobs by a parsed [`Digest`].
+
+mod digest;
+mod ingest;
+mod metadata;
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use digest::Digest;
+pub use ingest::{Ingest, IngestStatus};
+use metadata::{BlobMeta, Metadata};
+
+/// How long a writer waits for a ref another writer holds before giving up
+/// with [`StoreError::Locked`]. containerd's client closes a writer by
+/// half-closing its stream and may reopen the ref at once, before the server
+/// saw the close; containerd's own store waits about as long.
+const LOCK_GRACE: Duration = Duration::from_secs(1);
+
+/// Longest ref accepted. containerd's refs are `<namespace>/<seq>/<kind>-<digest>`,
+/// well under this; anything longer is a client bug or an attack.
+pub const MAX_REF_LEN: usize = 1024;
+
+/// Errors of the store, one variant per gRPC status class they map to.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}: not found")]
+    NotFound(String),
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("ref {0} is locked by another writer")]
+    Locked(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("metadata database: {0}")]
+    Database(String),
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// A committed blob as the store describes it.
+#[derive(Clone, Debug)]
+pub struct BlobInfo {
+    pub digest: Digest,
+    pub size: i64,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+    pub labels: HashMap<String, String>,
+}
+
+/// How [`Store::update_labels`] changes a blob's labels.
+pub enum LabelUpdate {
+    /// Replace every label with these.
+    ReplaceAll(HashMap<String, String>),
+    /// Set these keys (an empty value removes the key), keep the others.
+    Keys(HashMap<String, String>),
+}
+
+/// The content store. Cheap to share: wrap it in an [`Arc`].
+pub struct Store {
+    root: PathBuf,
+    meta: Metadata,
+    /// Refs that have an open [`Ingest`]; a second writer gets [`StoreError::Locked`].
+    locked: Mutex<HashSet<String>>,
+    /// Signalled whenever a ref is unlocked.
+    unlocked: Condvar,
+}
+
+impl Store {
+    /// Opens the store at `root`, creating it if needed, and removes what a
+    /// crash may have left half-made (ingest directories without a record and
+    /// records whose data file is gone).
+    pub fn open(root: &Path) -> Result<Arc<Self>, StoreError> {
+        for dir in [root.join("blobs/sha256"), root.join("ingest")] {
+            fs::create_dir_all(&dir)
+                .map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
+        }
+        let meta = Metadata::open(&root.join("metadata.redb"))?;
+        let store = Arc::new(Self {
+            root: root.to_owned(),
+            meta,
+            locked: Mutex::new(HashSet::new()),
+            unlocked: Condvar::new(),
+        });
+        store.recover_ingests()?;
+        Ok(store)
+    }
+
+    /// Path of a committed blob (which may not exist).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    /// Describes a committed blob.
+    pub fn info(&self, digest: &Digest) -> Result<BlobInfo, StoreError> {
+        let path = self.blob_path(digest);
+        let stat = match fs::metadata(&path) {
+            Ok(stat) => stat,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(format!("content {digest}")));
+            }
+            Err(e) => return Err(StoreError::io(format!("stat {}", path.display()), e)),
+        };
+        let meta = self.meta.blob(&digest.to_string())?.unwrap_or_else(|| {
+            // Committed but its record was lost (crash between rename and
+            // record, or a blob put in place by hand): the file is the truth.
+            let mtime = stat.modified().map(to_nanos).unwrap_or_default();
+            BlobMeta {
+                created_at: mtime,
+                updated_at: mtime,
+                labels: HashMap::new(),
+            }
+        });
+        Ok(BlobInfo {
+            digest: digest.clone(),
+            size: stat.len() as i64,
+            created_at: from_nanos(meta.created_at),
+            updated_at: from_nanos(meta.updated_at),
+            labels: meta.labels,
+        })
+    }
+
+    /// Changes a blob's labels and returns its new description.
+    pub fn update_labels(
+        &self,
+        digest: &Digest,
+        update: LabelUpdate,
+    ) -> Result<BlobInfo, StoreError> {
+        let info = self.info(digest)?;
+        let mut labels = info.labels;
+        match update {
+            LabelUpdate::ReplaceAll(new) => labels = new,
+            LabelUpdate::Keys(keys) => {
+                for (key, value) in keys {
+                    if value.is_empty() {
+                        labels.remove(&key);
+                    } else {
+                        labels.insert(key, value);
+                    }
+                }
+            }
+        }
+        let meta = BlobMeta {
+            created_at: to_nanos(info.created_at),
+            updated_at: to_nanos(SystemTime::now()),
+            labels,
+        };
+        self.meta.put_blob(&digest.to_string(), &meta)?;
+        self.info(digest)
+    }
+
+    /// Every committed blob, in digest order.
+    pub fn list(&self) -> Result<Vec<BlobInfo>, StoreError> {
+        let dir = self.root.join("blobs/sha256");
+        let entries =
+            fs::read_dir(&dir).map_err(|e| StoreError::io(format!("list {}", dir.display()), e))?;
+        let mut digests = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io(format!("list {}", dir.display()), e))?;
+            let name = entry.file_name();
+            // Anything not named like a digest was not put there by us.
+            if let Some(digest) = name
+                .to_str()
+                .and_then(|n| format!("sha256:{n}").parse().ok())
+            {
+                digests.push(digest);
+            }
+        }
+        digests.sort();
+        let mut infos = Vec::with_capacity(digests.len());
+        for digest in digests {
+            match self.info(&digest) {
+                Ok(info) => infos.push(info),
+                // Deleted while we listed.
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(infos)
+    }
+
+    /// Deletes a committed blob.
+    pub fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
+        let path = self.blob_path(digest);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(format!("content {digest}")));
+            }
+            Err(e) => return Err(StoreError::io(format!("delete {}", path.display()), e)),
+        }
+        self.meta.remove_blob(&digest.to_string())
+    }
+
+    /// Opens the writer for `reference`, resuming its ingest if one exists.
+    /// `total` and `expected` describe the blob when the client knows them.
+    pub fn writer(
+        self: &Arc<Self>,
+        reference: &str,
+        total: i64,
+        expected: Option<Digest>,
+    ) -> Result<Ingest, StoreError> {
+        validate_ref(reference)?;
+        if total < 0 {
+            return Err(StoreError::InvalidArgument(format!(
+                "negative total {total} for ref {reference}"
+            )));
+        }
+        if let Some(expected) = &expected
+            && self.blob_path(expected).exists()
+        {
+            return Err(StoreError::AlreadyExists(format!("content {expected}")));
+        }
+        let lock = self.lock_ref(reference)?;
+        Ingest::open(lock, total, expected)
+    }
+
+    /// Takes the writer lock on `reference`, waiting up to [`LOCK_GRACE`].
+    fn lock_ref(self: &Arc<Self>, reference: &str) -> Result<RefLock, StoreError> {
+        let locked = self.locked.lock().expect("lock table");
+        let (mut locked, _) = self
+            .unlocked
+            .wait_timeout_while(locked, LOCK_GRACE, |locked| locked.contains(reference))
+            .expect("lock table");
+        if !locked.insert(reference.to_owned()) {
+            return Err(StoreError::Locked(reference.to_owned()));
+        }
+        Ok(RefLock {
+            store: self.clone(),
+            reference: reference.to_owned(),
+        })
+    }
+
+    /// The state of the ingest for `reference`.
+    pub fn status(&self, reference: &str) -> Result<IngestStatus, StoreError> {
+        validate_ref(reference)?;
+        let meta = self
+            .meta
+            .ingest(reference)?
+            .ok_or_else(|| StoreError::NotFound(format!("ref {reference}")))?;
+        ingest::status_of(&self.ingest_dir(reference), reference, &meta)
+    }
+
+    /// Every ingest in progress.
+    pub fn statuses(&self) -> Result<Vec<IngestStatus>, StoreError> {
+        let mut out = Vec::new();
+        for (reference, meta) in self.meta.ingests()? {
+            match ingest::status_of(&self.ingest_dir(&reference), &reference, &meta) {
+                Ok(status) => out.push(status),
+                // Aborted or committed while we listed.
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Abandons the ingest for `reference` and frees its space, even if a
+    /// writer has it open (containerd's GC aborts what it does not know). An
+    /// unknown ref is not an error: containerd aborts inside its own
+    /// transaction, which an error would roll back.
+    pub fn abort(&self, reference: &str) -> Result<(), StoreError> {
+        validate_ref(reference)?;
+        self.remove_ingest(reference)
+    }
+
+    /// Directory of the ingest for a (validated) ref: named by the ref's hash,
+    /// so no ref can name a path of its own.
+    fn ingest_dir(&self, reference: &str) -> PathBuf {
+        self.root
+            .join("ingest")
+            .join(Digest::of(reference.as_bytes()).hex())
+    }
+
+    /// Removes an ingest's record and then its directory; a crash between the
+    /// two leaves a directory without record, which [`Store::open`] removes.
+    fn remove_ingest(&self, reference: &str) -> Result<(), StoreError> {
+        self.meta.remove_ingest(reference)?;
+        let dir = self.ingest_dir(reference);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io(format!("remove {}", dir.display()), e)),
+        }
+    }
+
+    /// Drops records whose data is gone and directories without a record.
+    fn recover_ingests(&self) -> Result<(), StoreError> {
+        let mut known = HashSet::new();
+        for (reference, _) in self.meta.ingests()? {
+            let dir = self.ingest_dir(&reference);
+            if dir.join(ingest::DATA_FILE).exists() {
+                known.insert(dir);
+            } else {
+                tracing::warn!(%reference, "dropping ingest record without data");
+                self.remove_ingest(&reference)?;
+            }
+        }
+        let ingest_root = self.root.join("ingest");
+        let entries = fs::read_dir(&ingest_root)
+            .map_err(|e| StoreError::io(format!("list {}", ingest_root.display()), e))?;
+        for entry in entries {
+            let path = entry
+                .map_err(|e| StoreError::io(format!("list {}", ingest_root.display()), e))?
+                .path();
+            if !known.contains(&path) {
+                tracing::warn!(path = %path.display(), "removing ingest directory without record");
+                fs::remove_dir_all(&path)
+                    .map_err(|e| StoreError::io(format!("remove {}", path.display()), e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Holds the writer lock on a ref; releases it when dropped.
+pub(crate) struct RefLock {
+    store: Arc<Store>,
+    reference: String,
+}
+
+impl Drop for RefLock {
+    fn drop(&mut self) {
+        self.store
+            .locked
+            .lock()
+            .expect("lock table")
+            .remove(&self.reference);
+        self.store.unlocked.notify_all();
+    }
+}
+
+/// Rejects refs that are empty, absurdly long, or carry control characters.
+/// Slashes and dots are fine: containerd's refs have them, and a ref never
+/// becomes a path (see [`Store::ingest_dir`]).
+fn validate_ref(reference: &str) -> Result<(), StoreError> {
+    if reference.is_empty() {
+        return Err(StoreError::InvalidArgument("empty ref".into()));
+    }
+    if reference.len() > MAX_REF_LEN {
+        return Err(StoreError::InvalidArgument(format!(
+            "ref of {} bytes is longer than {MAX_REF_LEN}",
+            reference.len()
+        )));
+    }
+    if reference.chars().any(char::is_control) {
+        return Err(StoreError::InvalidArgument(format!(
+            "ref {reference:?} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn to_nanos(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
+pub(crate) fn from_nanos(n: i64) -> SystemTime {
+    UNIX_EPOCH + std::time::Duration::from_nanos(n.max(0) as u64)
+}

@@ -1,0 +1,389 @@
+#!/usr/bin/env python3
+"""Generate damselfly's OCI test images, byte-for-byte reproducibly.
+
+    generate.py --set small --out DIR
+
+writes one OCI image layout per image of the set (DIR/<name>-<tag>/ with
+oci-layout, index.json and blobs/sha256/...) and DIR/catalog.json, which lists
+for each image its ref and every blob (digest, size, kind) that a client
+pulling it fetches. The same set always gives the same bytes: tar headers,
+gzip headers and zstd flags are fixed, and file contents come from SHAKE-256
+seeded by the layer and file names. Needs Python 3.11 (stdlib only) and, for
+zstd layers, the `zstd` command. See README.md.
+"""
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+
+MiB = 1 << 20
+CHUNK = MiB
+BLOCK = 512
+MTIME = 1700000000
+CREATED = "2023-11-14T22:13:20Z"
+ZSTD_CMD = ["zstd", "-3", "--single-thread", "--quiet", "--stdout"]
+GZIP_LEVEL = 6
+
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_LAYER = {
+    "none": "application/vnd.oci.image.layer.v1.tar",
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+}
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+@dataclass(frozen=True)
+class File:
+    """A regular file in a layer; text is compressible, otherwise random."""
+
+    path: str
+    size: int
+    text: bool = False
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer; its name seeds the contents, so equal layers give equal blobs."""
+
+    name: str
+    compression: str
+    files: tuple[File, ...] = ()
+
+
+@dataclass(frozen=True)
+class Platform:
+    """One image manifest: the layers of one linux architecture."""
+
+    architecture: str
+    layers: tuple[Layer, ...]
+    variant: str | None = None
+
+    def label(self) -> str:
+        return "/".join(filter(None, ["linux", self.architecture, self.variant]))
+
+
+@dataclass(frozen=True)
+class Image:
+    """A tagged image: one manifest, or an image index over several."""
+
+    name: str
+    tag: str
+    platforms: tuple[Platform, ...]
+    multiarch: bool = False
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+    @property
+    def layout(self) -> str:
+        """Directory of its OCI layout, which is also its ref name there."""
+        return f"{self.name.rsplit('/', 1)[-1]}-{self.tag}"
+
+
+def small_set() -> list[Image]:
+    """A few MiB: every layer kind, a layer shared by two images, an index."""
+    shared = Layer("multi-gzip", "gzip", (
+        File("damselfly/multi/gzip/random.bin", MiB + 12345),
+        File("damselfly/multi/gzip/notes.txt", 65536 + 7, text=True),
+    ))
+    multi = Image("damselfly/multi", "v1", (Platform("amd64", (
+        Layer("multi-empty", "gzip"),
+        Layer("multi-tiny", "gzip", (File("damselfly/multi/tiny.txt", 7, text=True),)),
+        shared,
+        Layer("multi-zstd", "zstd", (
+            File("damselfly/multi/zstd/random.bin", 2 * MiB + 777),
+            File("damselfly/multi/zstd/notes.txt", 300000 + 3, text=True),
+        )),
+        Layer("multi-tar", "none", (
+            File("damselfly/multi/tar/random.bin", MiB + 12345),
+            File("damselfly/multi/tar/notes.txt", 500, text=True),
+        )),
+    )),))
+    own = Layer("shared-own", "gzip", (File("damselfly/shared/random.bin", 200000 + 1),))
+    shared_image = Image("damselfly/shared", "v1", (Platform("amd64", (shared, own)),))
+    multiarch = Image("damselfly/multiarch", "v1", tuple(
+        Platform(arch, (Layer(f"multiarch-{arch}", "gzip", (
+            File(f"damselfly/multiarch/{arch}.bin", size),
+            File("damselfly/multiarch/arch.txt", 100, text=True),
+        )),), variant)
+        for arch, variant, size in [("amd64", None, 300000 + 11), ("arm64", "v8", 400000 + 13)]
+    ), multiarch=True)
+    return [multi, shared_image, multiarch]
+
+
+def large_set() -> list[Image]:
+    """One 512 MiB + 4093 bytes file in an uncompressed layer, plus a small one."""
+    return [Image("damselfly/large", "v1", (Platform("amd64", (
+        Layer("large-data", "none", (File("damselfly/large/data.bin", 512 * MiB + 4093),)),
+        Layer("large-meta", "gzip", (File("damselfly/large/notes.txt", 100000 + 1, text=True),)),
+    )),))]
+
+
+def bench_image(name: str, mib_sizes: list[int]) -> Image:
+    """Uncompressed layers of the given sizes in MiB, each plus odd bytes."""
+    layers = tuple(
+        Layer(f"{name}-{i}", "none", (
+            File(f"damselfly/{name}/layer{i}.bin", mib * MiB + 4093 * i),
+            File(f"damselfly/{name}/layer{i}.txt", 100 * i + 1, text=True),
+        ))
+        for i, mib in enumerate(mib_sizes, start=1)
+    )
+    return Image(f"damselfly/{name}", "v1", (Platform("amd64", layers),))
+
+
+SETS = {
+    "small": small_set,
+    "large": large_set,
+    "bench": lambda: [bench_image("bench", [400, 300, 200, 124])],
+    "bench256": lambda: [bench_image("bench256", [128, 96, 32])],
+}
+
+
+def file_chunks(seed: str, file: File):
+    """Yield the file's deterministic contents, CHUNK bytes at a time."""
+    for index, offset in enumerate(range(0, file.size, CHUNK)):
+        key = f"{seed}/{file.path}/{index}"
+        length = min(CHUNK, file.size - offset)
+        yield text_block(key, length) if file.text else hashlib.shake_256(key.encode()).digest(length)
+
+
+def text_block(key: str, length: int) -> bytes:
+    """Compressible text: numbered lines, cut to `length` bytes."""
+    line = f"{key} damselfly test line ".encode()
+    lines = (line + b"%09d\n" % n for n in range(length // (len(line) + 10) + 1))
+    return b"".join(lines)[:length]
+
+
+def tar_header(path: str, size: int = 0, directory: bool = False) -> bytes:
+    info = tarfile.TarInfo(path)
+    info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
+    info.mode = 0o755 if directory else 0o644
+    info.size = size
+    info.mtime = MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def parent_dirs(layer: Layer) -> list[str]:
+    dirs = set()
+    for file in layer.files:
+        parts = file.path.split("/")[:-1]
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(dirs)
+
+
+def write_tar(out, layer: Layer) -> None:
+    """Write the layer as a tar: no record padding, just the two end blocks."""
+    for directory in parent_dirs(layer):
+        out.write(tar_header(directory, directory=True))
+    for file in layer.files:
+        out.write(tar_header(file.path, file.size))
+        for chunk in file_chunks(layer.name, file):
+            out.write(chunk)
+        out.write(bytes(-file.size % BLOCK))
+    out.write(bytes(2 * BLOCK))
+
+
+class HashingWriter:
+    """Passes writes on to `target` and keeps their sha256."""
+
+    def __init__(self, target):
+        self.target = target
+        self.hash = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return self.target.write(data)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def digest(self) -> str:
+        return "sha256:" + self.hash.hexdigest()
+
+
+def tar_plain(out, layer: Layer) -> str:
+    tar = HashingWriter(out)
+    write_tar(tar, layer)
+    return tar.digest()
+
+
+def tar_gzip(out, layer: Layer) -> str:
+    with gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=out, mtime=0) as gz:
+        tar = HashingWriter(gz)
+        write_tar(tar, layer)
+    return tar.digest()
+
+
+def tar_zstd(out, layer: Layer) -> str:
+    out.flush()
+    with subprocess.Popen(ZSTD_CMD, stdin=subprocess.PIPE, stdout=out) as zstd:
+        tar = HashingWriter(zstd.stdin)
+        write_tar(tar, layer)
+        zstd.stdin.close()
+    if zstd.returncode:
+        raise RuntimeError(f"zstd exited with {zstd.returncode}")
+    return tar.digest()
+
+
+WRITE_TAR = {"none": tar_plain, "gzip": tar_gzip, "zstd": tar_zstd}
+
+
+def descriptor(media_type: str, digest: str, size: int) -> dict:
+    return {"mediaType": media_type, "digest": digest, "size": size}
+
+
+class Layout:
+    """An OCI image layout directory being written."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.blobs = os.path.join(root, "blobs", "sha256")
+        self.partial = os.path.join(self.blobs, ".partial")
+        os.makedirs(self.blobs)
+        self.write_json("oci-layout", {"imageLayoutVersion": "1.0.0"})
+
+    def write_json(self, name: str, obj: dict) -> None:
+        with open(os.path.join(self.root, name), "wb") as f:
+            f.write(canonical_json(obj))
+
+    def commit(self, digest: str) -> None:
+        os.replace(self.partial, os.path.join(self.blobs, digest.removeprefix("sha256:")))
+
+    def add_layer(self, layer: Layer) -> tuple[dict, str]:
+        """Write the layer's blob; return its descriptor and diff_id."""
+        with open(self.partial, "wb") as out:
+            diff_id = WRITE_TAR[layer.compression](out, layer)
+        if layer.compression == "none":
+            digest = diff_id
+        else:
+            with open(self.partial, "rb") as blob:
+                digest = "sha256:" + hashlib.file_digest(blob, "sha256").hexdigest()
+        size = os.path.getsize(self.partial)
+        self.commit(digest)
+        return descriptor(MT_LAYER[layer.compression], digest, size), diff_id
+
+    def add_json(self, media_type: str, obj: dict) -> dict:
+        data = canonical_json(obj)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        with open(self.partial, "wb") as out:
+            out.write(data)
+        self.commit(digest)
+        return descriptor(media_type, digest, len(data))
+
+
+def canonical_json(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def platform_json(platform: Platform) -> dict:
+    variant = {"variant": platform.variant} if platform.variant else {}
+    return {"architecture": platform.architecture, "os": "linux"} | variant
+
+
+def image_config(image: Image, platform: Platform, diff_ids: list[str]) -> dict:
+    return {"created": CREATED} | platform_json(platform) | {
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Labels": {"org.opencontainers.image.title": image.ref},
+        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }
+
+
+def catalog_blob(desc: dict, kind: str, platform: Platform | None, **extra) -> dict:
+    entry = {"digest": desc["digest"], "size": desc["size"], "kind": kind, "mediaType": desc["mediaType"]}
+    if platform:
+        entry["platform"] = platform.label()
+    return entry | extra
+
+
+def write_manifest(layout: Layout, image: Image, platform: Platform) -> tuple[dict, list[dict]]:
+    """Write one platform's layers, config and manifest; return the manifest's
+    descriptor and its catalog blobs (manifest, config, layers)."""
+    layers = [layout.add_layer(layer) for layer in platform.layers]
+    config = layout.add_json(MT_CONFIG, image_config(image, platform, [diff_id for _, diff_id in layers]))
+    manifest = layout.add_json(MT_MANIFEST, {
+        "schemaVersion": 2,
+        "mediaType": MT_MANIFEST,
+        "config": config,
+        "layers": [desc for desc, _ in layers],
+    })
+    blobs = [catalog_blob(manifest, "manifest", platform), catalog_blob(config, "config", platform)]
+    blobs += [catalog_blob(desc, "layer", platform, diff_id=diff_id) for desc, diff_id in layers]
+    return manifest, blobs
+
+
+def write_index(layout: Layout, manifests: list[tuple[dict, Platform]]) -> dict:
+    return layout.add_json(MT_INDEX, {
+        "schemaVersion": 2,
+        "mediaType": MT_INDEX,
+        "manifests": [desc | {"platform": platform_json(platform)} for desc, platform in manifests],
+    })
+
+
+def unique_by_digest(blobs: list[dict]) -> list[dict]:
+    first = {}
+    for blob in blobs:
+        first.setdefault(blob["digest"], blob)
+    return list(first.values())
+
+
+def write_image(out_dir: str, image: Image) -> dict:
+    """Write the image's OCI layout; return its catalog entry."""
+    layout = Layout(os.path.join(out_dir, image.layout))
+    written = [write_manifest(layout, image, platform) for platform in image.platforms]
+    blobs = [blob for _, manifest_blobs in written for blob in manifest_blobs]
+    if image.multiarch:
+        top = write_index(layout, [(desc, p) for (desc, _), p in zip(written, image.platforms)])
+        blobs.insert(0, catalog_blob(top, "index", None))
+    else:
+        top = written[0][0]
+    layout.write_json("index.json", {
+        "schemaVersion": 2,
+        "mediaType": MT_INDEX,
+        "manifests": [top | {"annotations": {REF_NAME: image.layout}}],
+    })
+    return {"ref": image.ref, "layout": image.layout, "oci_ref": image.layout, **top,
+            "blobs": unique_by_digest(blobs)}
+
+
+def write_catalog(out_dir: str, catalog: list[dict]) -> str:
+    """Write catalog.json last and atomically: its presence means complete."""
+    path = os.path.join(out_dir, "catalog.json")
+    with open(path + ".partial", "w") as f:
+        json.dump(catalog, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".partial", path)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", default="small", choices=SETS, help="image set (default: small)")
+    parser.add_argument("--out", required=True, help="output directory; must not exist or be empty")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if os.listdir(args.out):
+        parser.error(f"{args.out} is not empty")
+    catalog = [write_image(args.out, image) for image in SETS[args.set]()]
+    for entry in catalog:
+        total = sum(blob["size"] for blob in entry["blobs"])
+        print(f"{entry['ref']} {entry['digest']} {len(entry['blobs'])} blobs {total} bytes")
+    print(write_catalog(args.out, catalog))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
