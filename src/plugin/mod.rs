@@ -33,11 +33,7 @@ pub async fn serve(
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    match std::fs::remove_file(socket) {
-        Ok(()) => tracing::info!(socket = %socket.display(), "removed stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("remove stale {}", socket.display())),
-    }
+    remove_stale_socket(socket)?;
     let listener =
         UnixListener::bind(socket).with_context(|| format!("listen on {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "content plugin listening");
@@ -50,6 +46,23 @@ pub async fn serve(
         .await
         .context("content plugin server")?;
     let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+/// Removes a socket file left by a daemon that died, but refuses to take
+/// over one a live process still answers on.
+fn remove_stale_socket(socket: &Path) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        anyhow::bail!(
+            "{} is in use by another process (another dfdaemon?)",
+            socket.display()
+        );
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => tracing::info!(socket = %socket.display(), "removed stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("remove stale {}", socket.display())),
+    }
     Ok(())
 }
 

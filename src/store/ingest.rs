@@ -101,6 +101,9 @@ impl Ingest {
             }
         };
         let (hasher, offset) = rehash(&file, &data)?;
+        if offset > 0 {
+            tracing::info!(%reference, offset, total = meta.total, "resuming ingest");
+        }
         let updated_at = last_write(&data, &meta)?;
         Ok(Self {
             lock,

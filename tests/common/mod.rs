@@ -1,0 +1,556 @@
+//! Test harness: real processes (dfdaemon, containerd, docker-registry) in a
+//! private scratch directory, stopped and cleaned up on drop, also when a
+//! test fails. Every instance gets its own directory, sockets and port, so
+//! tests run in parallel without clashing.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+/// How long a process may take to come up.
+const STARTUP: Duration = Duration::from_secs(30);
+
+/// A scratch directory under /tmp (short, for unix socket paths); on drop,
+/// unmounts whatever containerd left mounted in it and removes it.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("dfly-")
+            .tempdir_in("/tmp")
+            .expect("create scratch dir");
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        unmount_under(self.dir.path());
+    }
+}
+
+/// Unmounts every mount point below `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .filter(|point| Path::new(point).starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "integration tests drive containerd and mounts: run them as root"
+    );
+}
+
+/// A child process killed (SIGKILL) on drop; its output goes to a log file
+/// that failing tests print.
+pub struct Proc {
+    name: String,
+    child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, command: &mut Command, log: PathBuf) -> Self {
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open log");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone log"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} ({command:?}): {e}"));
+        Self {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process without warning, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits for it.
+    pub fn terminate(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics with the process's log unless `ready` holds within [`STARTUP`].
+    fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + STARTUP;
+        while !ready() {
+            if !self.is_running() || Instant::now() > deadline {
+                panic!(
+                    "{} did not {what}; its log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn socket_ready(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// dfdaemon serving a data directory on a content socket.
+pub struct Dfdaemon {
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Dfdaemon {
+    pub fn start(scratch: &Scratch, name: &str) -> Self {
+        let mut daemon = Self {
+            data_dir: scratch.join(&format!("{name}-data")),
+            socket: scratch.join(&format!("{name}.sock")),
+            log: scratch.join(&format!("{name}.log")),
+            proc: None,
+        };
+        daemon.restart();
+        daemon
+    }
+
+    /// Starts the daemon again (after [`Dfdaemon::kill9`] or [`Dfdaemon::stop`]).
+    pub fn restart(&mut self) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dfdaemon"));
+        command
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--content-socket")
+            .arg(&self.socket)
+            .env("RUST_LOG", "debug");
+        let mut proc = Proc::spawn("dfdaemon", &mut command, self.log.clone());
+        let socket = self.socket.clone();
+        proc.wait_until("listen", || socket_ready(&socket));
+        self.proc = Some(proc);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill9();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.terminate();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("dfdaemon running").pid()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        self.data_dir.join("blobs/sha256").join(hex)
+    }
+
+    /// Digests of the committed blobs in the data directory.
+    pub fn blobs(&self) -> Vec<String> {
+        let mut out: Vec<String> = fs::read_dir(self.data_dir.join("blobs/sha256"))
+            .map(|dir| {
+                dir.map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// Bytes of the ingests in progress.
+    pub fn ingest_bytes(&self) -> u64 {
+        walk_files(&self.data_dir.join("ingest"))
+            .iter()
+            .map(|f| f.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    }
+
+    /// Checks that every committed blob hashes to its name.
+    pub fn assert_blobs_intact(&self) {
+        for digest in self.blobs() {
+            assert_eq!(
+                sha256_file(&self.blob_path(&digest)),
+                digest,
+                "blob file does not hash to its name"
+            );
+        }
+    }
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(walk_files(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// `sha256:<hex>` of a file's bytes.
+pub fn sha256_file(path: &Path) -> String {
+    let mut file = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).expect("hash file");
+    format!("sha256:{}", hex::encode(hasher.finalize()))
+}
+
+/// `sha256:<hex>` of bytes.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// A private docker-registry on a loopback port.
+pub struct Registry {
+    pub host: String,
+    _proc: Proc,
+}
+
+impl Registry {
+    pub fn start(scratch: &Scratch) -> Self {
+        let port = free_port();
+        let host = format!("127.0.0.1:{port}");
+        let storage = scratch.join("registry");
+        fs::create_dir_all(&storage).unwrap();
+        let config = scratch.join("registry.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let mut proc = Proc::spawn(
+            "docker-registry",
+            Command::new("docker-registry").arg("serve").arg(&config),
+            scratch.join("registry.log"),
+        );
+        proc.wait_until("listen", || std::net::TcpStream::connect(&host).is_ok());
+        Self { host, _proc: proc }
+    }
+
+    /// Pushes a test image set (see test-images/) and returns its catalog.
+    pub fn push(&self, set: &str) -> Catalog {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("test-images/push.sh");
+        let out = Command::new(&script)
+            .arg(&self.host)
+            .arg(set)
+            .output()
+            .expect("run test-images/push.sh");
+        assert!(
+            out.status.success(),
+            "push.sh failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let path = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("catalog: "))
+            .expect("push.sh names its catalog");
+        serde_json::from_slice(&fs::read(path.trim()).expect("read catalog"))
+            .expect("parse catalog")
+    }
+}
+
+/// What test-images/ generated: images and their blobs.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub struct Catalog(pub Vec<CatalogImage>);
+
+#[derive(Debug, Deserialize)]
+pub struct CatalogImage {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub digest: String,
+    pub blobs: Vec<CatalogBlob>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct CatalogBlob {
+    pub digest: String,
+    pub size: u64,
+    pub kind: String,
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
+impl Catalog {
+    pub fn image(&self, reference: &str) -> &CatalogImage {
+        self.0
+            .iter()
+            .find(|i| i.reference == reference)
+            .unwrap_or_else(|| panic!("no image {reference} in the catalog"))
+    }
+}
+
+impl CatalogImage {
+    /// The blobs a pull for linux/amd64 fetches: the index, if any, and
+    /// everything of the amd64 platform.
+    pub fn amd64_blobs(&self) -> Vec<CatalogBlob> {
+        self.blobs
+            .iter()
+            .filter(|b| b.platform.as_deref().is_none_or(|p| p == "linux/amd64"))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A private containerd whose content store is a dfdaemon.
+pub struct Containerd {
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Containerd {
+    /// Starts containerd with dfdaemon's `plugin_socket` as its content
+    /// store; `registry` is reachable over plain HTTP (also for CRI pulls).
+    pub fn start(scratch: &Scratch, name: &str, plugin_socket: &Path, registry: &str) -> Self {
+        let dir = scratch.join(name);
+        let certs = dir.join("certs.d");
+        fs::create_dir_all(certs.join(registry)).unwrap();
+        fs::write(
+            certs.join(registry).join("hosts.toml"),
+            format!("server = \"http://{registry}\"\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+        )
+        .unwrap();
+        let socket = dir.join("c.sock");
+        let root = dir.join("root");
+        let config = dir.join("config.toml");
+        fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.content.v1.content"]
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[proxy_plugins]
+  [proxy_plugins.damselfly]
+    type = "content"
+    address = "{plugin}"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
+"#,
+                root = root.display(),
+                state = dir.join("state").display(),
+                socket = socket.display(),
+                plugin = plugin_socket.display(),
+                certs = certs.display(),
+            ),
+        )
+        .unwrap();
+        let mut containerd = Self {
+            socket,
+            root,
+            config,
+            log: scratch.join(&format!("{name}.log")),
+            proc: None,
+        };
+        containerd.restart();
+        containerd
+    }
+
+    pub fn restart(&mut self) {
+        let mut proc = Proc::spawn(
+            "containerd",
+            Command::new("containerd").arg("--config").arg(&self.config),
+            self.log.clone(),
+        );
+        let socket = self.socket.clone();
+        proc.wait_until("serve", || {
+            socket_ready(&socket)
+                && Command::new("ctr")
+                    .arg("--address")
+                    .arg(&socket)
+                    .arg("version")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+        });
+        self.proc = Some(proc);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.terminate();
+        }
+    }
+
+    /// Waits until containerd reaches its content plugin again: after the
+    /// plugin restarts, containerd's gRPC client reconnects with a backoff of
+    /// up to 3 s, and calls fail with Unavailable meanwhile.
+    pub fn wait_for_plugin(&self) {
+        wait_for("containerd to reconnect to dfdaemon", STARTUP, || {
+            self.ctr(&["content", "ls", "-q"]).status.success()
+        });
+    }
+
+    /// Runs `ctr` against this containerd in namespace `test`.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "test"])
+            .args(args)
+            .output()
+            .expect("run ctr")
+    }
+
+    /// Like [`Containerd::ctr`], panicking (with containerd's log) on failure.
+    pub fn ctr_ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed: {}\ncontainerd log tail:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log, 30)
+        );
+        out.stdout
+    }
+
+    /// Pulls (and unpacks) an image from the registry over plain HTTP.
+    pub fn pull(&self, registry: &str, image: &str) {
+        let reference = format!("{registry}/{image}");
+        self.ctr_ok(&["image", "pull", "--plain-http", &reference]);
+    }
+
+    /// Reads a blob back through containerd.
+    pub fn content(&self, digest: &str) -> Vec<u8> {
+        self.ctr_ok(&["content", "get", digest])
+    }
+}
+
+/// The last `n` lines of a log file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let Ok(file) = fs::File::open(path) else {
+        return String::new();
+    };
+    let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// One node: a dfdaemon and the containerd that uses it (stopped first).
+pub struct Node {
+    pub containerd: Containerd,
+    pub dfdaemon: Dfdaemon,
+}
+
+impl Node {
+    pub fn start(scratch: &Scratch, registry: &Registry) -> Self {
+        let dfdaemon = Dfdaemon::start(scratch, "dfdaemon");
+        let containerd = Containerd::start(scratch, "containerd", &dfdaemon.socket, &registry.host);
+        Self {
+            dfdaemon,
+            containerd,
+        }
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(10));
+    }
+}
