@@ -117,6 +117,9 @@ trap 'log "terminated"; exit 143' TERM
 # ------------------------------------------------------------------ setup ---
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+# Identify the binary now: a rebuild during the run replaces the file, not the
+# running process.
+dfdaemon_id="$("$dfdaemon" --version | awk '{print $2}'), $(date -u -r "$dfdaemon" +'built %Y-%m-%dT%H:%MZ'); tree $(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$repo" && git diff --quiet HEAD 2>/dev/null || echo ' + local changes')"
 tmp=$(mktemp -d /tmp/dfb.XXXXXX)
 chmod 755 "$tmp"
 mkdir -p "$tmp/reg" "$tmp/a" "$tmp/b" "$tmp/df"
@@ -403,7 +406,7 @@ cat <<EOF
 ## content store: containerd built-in (A) vs. dfdaemon (B)
 
 - command: \`$cmdline\`
-- date: $(date -u +%Y-%m-%dT%H:%MZ); dfdaemon $("$dfdaemon" --version | awk '{print $2}') ($(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$repo" && git diff --quiet HEAD 2>/dev/null || echo ', dirty tree')); $(containerd --version | awk '{print $1 " " $3}')
+- date: $(date -u +%Y-%m-%dT%H:%MZ); dfdaemon $dfdaemon_id; $(containerd --version | awk '{print $1 " " $3}')
 - machine: $(nproc) CPUs, $mem, kernel $(uname -r); load average before $load_before, after $load_after
 - image: \`$image\` (set \`$set_name\`): ${#all_digests[@]} blobs pulled, $(awk -v b="$pull_bytes" 'BEGIN { printf "%.1f", b / 1048576 }') MiB; ${#layer_digests[@]} layers read back, $(awk -v b="$read_bytes" 'BEGIN { printf "%.1f", b / 1048576 }') MiB
 - $rounds round(s), A and B alternating (odd rounds A first, even rounds B first); each pull cold (image removed with \`ctr image rm --sync\`, no content or snapshot left) after \`sync; echo 3 > /proc/sys/vm/drop_caches\`; registry on loopback (plain HTTP); reads are \`ctr content get\` of every layer right after the pull (page cache hot)$( ((split)) && echo "; fetch only = \`ctr content fetch\` (cold), unpack only = \`ctr image pull\` with the content present, after another drop")

@@ -394,3 +394,126 @@ pub(crate) fn to_nanos(t: SystemTime) -> i64 {
 pub(crate) fn from_nanos(n: i64) -> SystemTime {
     UNIX_EPOCH + std::time::Duration::from_nanos(n.max(0) as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Arc<Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    fn commit(store: &Arc<Store>, reference: &str, data: &[u8]) -> Digest {
+        let mut ingest = store.writer(reference, 0, None).unwrap();
+        ingest.write(0, data).unwrap();
+        ingest
+            .commit(data.len() as i64, None, HashMap::new())
+            .unwrap()
+    }
+
+    #[test]
+    fn committed_blobs_are_read_only_and_listed() {
+        let (_dir, store) = store();
+        let digest = commit(&store, "r", b"hello");
+        let path = store.blob_path(&digest);
+        assert_eq!(fs::read(&path).unwrap(), b"hello");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o444
+        );
+        let listed: Vec<_> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.digest)
+            .collect();
+        assert_eq!(listed, vec![digest]);
+        assert!(store.statuses().unwrap().is_empty(), "the ingest is gone");
+    }
+
+    #[test]
+    fn reopening_recovers_from_half_made_ingests() {
+        let (dir, store) = store();
+        let mut ingest = store.writer("kept", 10, None).unwrap();
+        ingest.write(0, b"12345").unwrap();
+        drop(ingest);
+        // A directory without record (crash after mkdir), and a record whose
+        // data file is gone (crash between a commit's rename and cleanup).
+        fs::create_dir_all(dir.path().join("ingest/orphan")).unwrap();
+        let mut lost = store.writer("lost", 0, None).unwrap();
+        lost.write(0, b"x").unwrap();
+        drop(lost);
+        fs::remove_file(store.ingest_dir("lost").join(ingest::DATA_FILE)).unwrap();
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!dir.path().join("ingest/orphan").exists());
+        let statuses = store.statuses().unwrap();
+        assert_eq!(statuses.len(), 1);
+        assert_eq!(
+            (
+                statuses[0].reference.as_str(),
+                statuses[0].offset,
+                statuses[0].total
+            ),
+            ("kept", 5, 10)
+        );
+        let mut resumed = store.writer("kept", 10, None).unwrap();
+        assert_eq!(resumed.offset(), 5);
+        resumed.write(5, b"67890").unwrap();
+        let digest = resumed
+            .commit(10, Some(&Digest::of(b"1234567890")), HashMap::new())
+            .unwrap();
+        assert_eq!(fs::read(store.blob_path(&digest)).unwrap(), b"1234567890");
+    }
+
+    #[test]
+    fn label_updates_replace_or_patch() {
+        let (_dir, store) = store();
+        let digest = commit(&store, "r", b"labelled");
+        let labels = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        store
+            .update_labels(
+                &digest,
+                LabelUpdate::ReplaceAll(labels(&[("a", "1"), ("b", "2")])),
+            )
+            .unwrap();
+        let info = store
+            .update_labels(&digest, LabelUpdate::Keys(labels(&[("a", ""), ("c", "3")])))
+            .unwrap();
+        assert_eq!(info.labels, labels(&[("b", "2"), ("c", "3")]));
+        assert!(info.updated_at >= info.created_at);
+        let missing = Digest::of(b"missing");
+        assert!(matches!(
+            store.update_labels(&missing, LabelUpdate::ReplaceAll(HashMap::new())),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn aborting_frees_a_ref_even_while_it_is_open() {
+        let (_dir, store) = store();
+        let mut ingest = store.writer("r", 0, None).unwrap();
+        ingest.write(0, b"doomed").unwrap();
+        store.abort("r").unwrap();
+        assert!(matches!(store.status("r"), Err(StoreError::NotFound(_))));
+        assert!(
+            ingest.commit(0, None, HashMap::new()).is_err(),
+            "an aborted ingest cannot commit"
+        );
+        drop(ingest);
+        assert!(
+            store.statuses().unwrap().is_empty(),
+            "closing does not resurrect it"
+        );
+        assert!(store.list().unwrap().is_empty());
+    }
+}
