@@ -24,6 +24,10 @@ pub mod content_api {
 /// and writes a small blob as one message.
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
+/// HTTP/2 flow-control windows of the plugin's connections.
+const STREAM_WINDOW_BYTES: u32 = 4 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+
 /// Serves the plugin services on `socket` until `shutdown` completes.
 pub async fn serve(
     store: Arc<Store>,
@@ -41,6 +45,10 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
+        // Writes arrive as 1 MiB messages, one round trip each: let a whole
+        // message through without waiting for window updates.
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(content)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await

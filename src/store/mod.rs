@@ -154,6 +154,23 @@ impl Store {
         })
     }
 
+    /// Opens a committed blob for reading, with its size.
+    pub fn open_blob(&self, digest: &Digest) -> Result<(fs::File, i64), StoreError> {
+        let path = self.blob_path(digest);
+        let file = match fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(format!("content {digest}")));
+            }
+            Err(e) => return Err(StoreError::io(format!("open {}", path.display()), e)),
+        };
+        let size = file
+            .metadata()
+            .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?
+            .len();
+        Ok((file, size as i64))
+    }
+
     /// Changes a blob's labels and returns its new description.
     pub fn update_labels(
         &self,
