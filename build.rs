@@ -1,4 +1,5 @@
-//! Generates the gRPC server side of the containerd services dfdaemon serves.
+//! Generates the gRPC code: the server side of the containerd services
+//! dfdaemon serves, and both sides of damselfly's own mesh API.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
@@ -9,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "::containerd_client::services::v1",
         )
         .compile_protos(&["proto/containerd_content.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(&["proto/mesh.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -4,7 +4,11 @@
 //! - [`plugin`]: containerd's Content service over that store, on a unix socket;
 //! - [`daemon`]: dfdaemon, which ties them together on a node.
 
+pub mod config;
 pub mod daemon;
+pub mod mesh;
+pub mod metrics;
 pub mod plugin;
 pub mod store;
+pub mod supernode;
 pub mod telemetry;

@@ -1,6 +1,8 @@
 //! Log setup shared by the binaries: human-readable lines on stderr, level
 //! from `RUST_LOG` (default `info`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global log subscriber.
@@ -9,5 +11,6 @@ pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

@@ -1,29 +1,80 @@
 //! dfdaemon: the damselfly daemon of one node (argument parsing only).
 
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
+use damselfly::config::{FileConfig, SEED_CONFIG};
 use damselfly::daemon::{self, DaemonConfig};
+use damselfly::mesh::MeshConfig;
 
-/// Serves this node's content store to containerd as a content plugin.
+/// Serves this node's content store to containerd as a content plugin, and
+/// shares blobs with other nodes through the mesh when supernodes are given.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
+    /// YAML config file (keys as the long options, e.g. `data_dir`, plus
+    /// `nodes: [supernode addresses]`). Options given here win.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Directory of the content store (blobs, ingests, metadata).
-    #[arg(long, default_value = "/var/lib/damselfly")]
-    data_dir: PathBuf,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Unix socket for containerd's `[proxy_plugins]` content entry.
-    #[arg(long, default_value = "/run/damselfly/content.sock")]
-    content_socket: PathBuf,
+    #[arg(long)]
+    content_socket: Option<PathBuf>,
+    /// A supernode, `IP[:PORT]` (port 8002 by default); repeat for several.
+    /// Without any, `nodes:` of /etc/dragonfly/dfget.yml is used if present.
+    #[arg(long = "supernode")]
+    supernodes: Vec<String>,
+    /// The address other nodes reach this node's piece server at.
+    #[arg(long)]
+    advertise_ip: Option<IpAddr>,
+    /// Port of the piece server.
+    #[arg(long)]
+    upload_port: Option<u16>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     damselfly::telemetry::init_logging();
     let args = Args::parse();
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::load_if_present(std::path::Path::new(SEED_CONFIG))?,
+    };
+    let supernodes = if args.supernodes.is_empty() {
+        file.nodes.clone()
+    } else {
+        args.supernodes.clone()
+    };
+    let mesh = if supernodes.is_empty() {
+        None
+    } else {
+        let advertise_ip = args
+            .advertise_ip
+            .or(file.advertise_ip)
+            .ok_or_else(|| anyhow::anyhow!("--advertise-ip is required with supernodes"))?;
+        Some(MeshConfig {
+            supernodes: damselfly::config::supernode_addrs(&supernodes)?,
+            advertise_ip,
+            upload_port: args.upload_port.or(file.upload_port).unwrap_or(65002),
+            upload_slots: file.upload_slots.unwrap_or(16),
+            download_parallelism: file.download_parallelism.unwrap_or(4),
+            stall_timeout: Duration::from_millis(file.stall_timeout_ms.unwrap_or(5000)),
+        })
+    };
     daemon::run(DaemonConfig {
-        data_dir: args.data_dir,
-        content_socket: args.content_socket,
+        data_dir: args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| "/var/lib/damselfly".into()),
+        content_socket: args
+            .content_socket
+            .or(file.content_socket)
+            .unwrap_or_else(|| "/run/damselfly/content.sock".into()),
+        mesh,
     })
     .await
 }

@@ -22,25 +22,31 @@ use tonic::{Request, Response, Status, Streaming};
 use super::content_api::content_server::Content;
 use super::filter::Filter;
 use super::timestamp;
+use crate::mesh::Mesh;
+use crate::mesh::session::BlobSession;
 use crate::store::{BlobInfo, Digest, Ingest, IngestStatus, LabelUpdate, Store, StoreError};
 
 /// Bytes per Read response message (containerd's server uses the same).
 const READ_CHUNK: usize = 1 << 20;
 /// Infos per List response message.
 const LIST_BATCH: usize = 100;
+/// A write offset meaning "wherever the ingest is" (containerd's content
+/// server appends on any negative offset).
+const APPEND: i64 = -1;
 /// Longest label (key plus value) accepted, as containerd's metadata enforces.
 const MAX_LABEL_BYTES: usize = 4096;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// The Content service.
+/// The Content service; with a mesh, layer writes go through it.
 pub struct ContentService {
     store: Arc<Store>,
+    mesh: Option<Arc<Mesh>>,
 }
 
 impl ContentService {
-    pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<Store>, mesh: Option<Arc<Mesh>>) -> Self {
+        Self { store, mesh }
     }
 }
 
@@ -186,13 +192,14 @@ impl Content for ContentService {
         request: Request<Streaming<WriteContentRequest>>,
     ) -> Result<Response<Self::WriteStream>, Status> {
         let store = self.store.clone();
+        let mesh = self.mesh.clone();
         let mut requests = request.into_inner();
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(async move {
             // The session (and with it the ref's lock) ends inside
             // `write_session`, before its error is sent: a client that
             // reopens the ref on seeing the error must find it unlocked.
-            if let Err(status) = write_session(&store, &mut requests, &tx).await {
+            if let Err(status) = write_session(&store, mesh.as_ref(), &mut requests, &tx).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -220,9 +227,11 @@ fn read_chunk(
 
 /// One Write stream: opens the writer named by the first message, then
 /// answers each message in order with exactly one response, until COMMIT or
-/// the client's end of the stream.
+/// the client's end of the stream. For a layer blob, the mesh takes part
+/// (see [`BlobSession`]): its STATs may be held while peers supply the blob.
 async fn write_session(
     store: &Arc<Store>,
+    mesh: Option<&Arc<Mesh>>,
     requests: &mut Streaming<WriteContentRequest>,
     responses: &mpsc::Sender<Result<WriteContentResponse, Status>>,
 ) -> Result<(), Status> {
@@ -238,6 +247,13 @@ async fn write_session(
     let mut total = request.total;
     let mut expected = parse_optional_digest(&request.expected)?;
     let mut ingest = block_in_place(|| store.writer(&reference, total, expected.clone()))?;
+    let mut mesh = mesh.and_then(|mesh| BlobSession::start(mesh, &reference, total));
+    let mut negotiated = false;
+    // The offset containerd's proxy client believes the ingest is at: that
+    // of the negotiation, then of each WRITE response. When the mesh adds
+    // bytes behind its back, its next WRITE or COMMIT still names the old
+    // offset; that means "at the current offset", not "start over at 0".
+    let mut client_offset = ingest.offset();
     loop {
         let action = WriteAction::try_from(request.action).map_err(|_| {
             Status::invalid_argument(format!("unknown write action {}", request.action))
@@ -254,10 +270,43 @@ async fn write_session(
             total = request.total;
         }
         let response = match action {
-            WriteAction::Stat => stat_response(&ingest, total),
-            WriteAction::Write | WriteAction::Commit => block_in_place(|| -> Result<_, Status> {
-                write_or_commit(&mut ingest, action, request, total, expected.as_ref())
-            })?,
+            WriteAction::Stat => {
+                // The first STAT is containerd's negotiation, inside its
+                // metadata transaction: it must answer at once.
+                if negotiated && let Some(mesh) = mesh.as_mut() {
+                    mesh.before_stat(&mut ingest).await?;
+                }
+                negotiated = true;
+                stat_response(&ingest, total)
+            }
+            WriteAction::Write | WriteAction::Commit => {
+                let before = ingest.offset();
+                let offset = if request.offset == client_offset && client_offset != before {
+                    APPEND
+                } else {
+                    request.offset
+                };
+                block_in_place(|| ingest.write(offset, &request.data))?;
+                if let Some(mesh) = mesh.as_mut() {
+                    mesh.wrote(before, ingest.offset(), &request.data);
+                }
+                let response = block_in_place(|| {
+                    finish_write(
+                        &mut ingest,
+                        action,
+                        request.labels,
+                        total,
+                        expected.as_ref(),
+                    )
+                })?;
+                if action == WriteAction::Commit
+                    && let Some(mesh) = &mesh
+                {
+                    mesh.committed();
+                }
+                client_offset = response.offset;
+                response
+            }
         };
         if responses.send(Ok(response)).await.is_err() {
             return Ok(());
@@ -285,17 +334,18 @@ fn stat_response(ingest: &Ingest, total: i64) -> WriteContentResponse {
     }
 }
 
-fn write_or_commit(
+/// Commits (for COMMIT) and builds the response to a WRITE or COMMIT whose
+/// data is written.
+fn finish_write(
     ingest: &mut Ingest,
     action: WriteAction,
-    request: WriteContentRequest,
+    labels: HashMap<String, String>,
     total: i64,
     expected: Option<&Digest>,
 ) -> Result<WriteContentResponse, Status> {
-    ingest.write(request.offset, &request.data)?;
     let digest = if action == WriteAction::Commit {
-        validate_labels(&request.labels)?;
-        let digest = ingest.commit(total, expected, request.labels)?;
+        validate_labels(&labels)?;
+        let digest = ingest.commit(total, expected, labels)?;
         tracing::debug!(reference = ingest.reference(), %digest, size = ingest.offset(), "committed");
         digest
     } else {

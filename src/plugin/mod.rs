@@ -31,6 +31,7 @@ const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 /// Serves the plugin services on `socket` until `shutdown` completes.
 pub async fn serve(
     store: Arc<Store>,
+    mesh: Option<Arc<crate::mesh::Mesh>>,
     socket: &Path,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -41,7 +42,7 @@ pub async fn serve(
     let listener =
         UnixListener::bind(socket).with_context(|| format!("listen on {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "content plugin listening");
-    let content = content_api::content_server::ContentServer::new(ContentService::new(store))
+    let content = content_api::content_server::ContentServer::new(ContentService::new(store, mesh))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()

@@ -55,7 +55,7 @@ impl Ingest {
         let dir = store.ingest_dir(reference);
         let data = dir.join(DATA_FILE);
         let expected = expected.map(|d| d.to_string()).unwrap_or_default();
-        let (file, meta) = match store.meta.ingest(reference)? {
+        let (file, mut meta) = match store.meta.ingest(reference)? {
             Some(mut meta) => {
                 if total > 0 && meta.total > 0 && total != meta.total {
                     return Err(StoreError::FailedPrecondition(format!(
@@ -95,12 +95,36 @@ impl Ingest {
                     expected,
                     started_at: now,
                     updated_at: now,
+                    verified_until: None,
                 };
                 store.meta.put_ingest(reference, &meta)?;
                 (file, meta)
             }
         };
-        let (hasher, offset) = rehash(&file, &data)?;
+        if let Some(verified) = meta.verified_until.take() {
+            // A crash interrupted a mesh download: drop every piece written
+            // out of order, keep the verified prefix.
+            tracing::warn!(%reference, verified, "cutting an interrupted mesh download back to its verified prefix");
+            file.set_len(verified as u64)
+                .map_err(|e| StoreError::io(format!("truncate {}", data.display()), e))?;
+            store.meta.put_ingest(reference, &meta)?;
+        }
+        let (mut hasher, mut offset) = rehash(&file, &data)?;
+        if let Some(digest) = digest_in_ref(reference)
+            && meta.total > 0
+            && offset == meta.total
+            && Digest::from_hasher(hasher.clone()) != digest
+        {
+            // Complete but wrong (e.g. bytes lost in a power cut): it could
+            // never commit, and containerd would retry it forever.
+            tracing::warn!(%reference, "complete ingest does not match the digest in its ref: starting it over");
+            file.set_len(0)
+                .map_err(|e| StoreError::io(format!("truncate {}", data.display()), e))?;
+            (&file)
+                .rewind()
+                .map_err(|e| StoreError::io(format!("rewind {}", data.display()), e))?;
+            (hasher, offset) = (Sha256::new(), 0);
+        }
         if offset > 0 {
             tracing::info!(%reference, offset, total = meta.total, "resuming ingest");
         }
@@ -185,6 +209,72 @@ impl Ingest {
         self.offset = 0;
         self.touch();
         Ok(())
+    }
+
+    /// Path of the ingest's data file (it moves when committed).
+    pub fn data_path(&self) -> std::path::PathBuf {
+        self.lock
+            .store
+            .ingest_dir(&self.lock.reference)
+            .join(DATA_FILE)
+    }
+
+    /// The ingest's data file, for writing pieces at their offsets while a
+    /// mesh download runs (see [`Ingest::begin_out_of_order`]).
+    pub fn data_file(&mut self) -> Result<File, StoreError> {
+        let reference = self.reference().to_owned();
+        self.open_file()?
+            .try_clone()
+            .map_err(|e| StoreError::io(format!("reopen ingest of ref {reference}"), e))
+    }
+
+    /// Marks the start of out-of-order writes past the current offset: if
+    /// the process dies before [`Ingest::end_out_of_order`], reopening the
+    /// ingest cuts it back to what was verified.
+    pub fn begin_out_of_order(&mut self) -> Result<(), StoreError> {
+        self.meta.verified_until = Some(self.offset);
+        self.lock
+            .store
+            .meta
+            .put_ingest(&self.lock.reference, &self.meta)
+    }
+
+    /// Takes the bytes up to `verified` (written through [`Ingest::data_file`]
+    /// and verified piece by piece) as the ingest's content.
+    pub fn adopt(&mut self, verified: i64) -> Result<(), StoreError> {
+        if verified <= self.offset {
+            return Ok(());
+        }
+        let reference = self.reference().to_owned();
+        let mut buf = vec![0u8; REHASH_CHUNK];
+        let mut at = self.offset;
+        let file = self.data_file()?;
+        while at < verified {
+            let n = REHASH_CHUNK.min((verified - at) as usize);
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf[..n], at as u64)
+                .map_err(|e| StoreError::io(format!("read back ingest of ref {reference}"), e))?;
+            self.hasher.update(&buf[..n]);
+            at += n as i64;
+        }
+        self.offset = verified;
+        self.touch();
+        Ok(())
+    }
+
+    /// Ends out-of-order writes: drops whatever lies past the verified
+    /// offset and clears the crash marker.
+    pub fn end_out_of_order(&mut self) -> Result<(), StoreError> {
+        let offset = self.offset;
+        let reference = self.reference().to_owned();
+        let file = self.open_file()?;
+        file.set_len(offset as u64)
+            .and_then(|()| file.seek(io::SeekFrom::Start(offset as u64)).map(drop))
+            .map_err(|e| StoreError::io(format!("cut ingest of ref {reference}"), e))?;
+        self.meta.verified_until = None;
+        self.lock
+            .store
+            .meta
+            .put_ingest(&self.lock.reference, &self.meta)
     }
 
     fn touch(&mut self) {
@@ -277,6 +367,13 @@ impl Drop for Ingest {
             }
         }
     }
+}
+
+/// The digest a containerd ref names, as in `<ns>/<seq>/layer-sha256:<hex>`.
+pub fn digest_in_ref(reference: &str) -> Option<Digest> {
+    let last = reference.rsplit('/').next()?;
+    let start = last.find("sha256:")?;
+    last[start..].parse().ok()
 }
 
 /// The status of an ingest that may not be open, from its record and file.

@@ -40,6 +40,11 @@ pub struct IngestMeta {
     pub started_at: i64,
     /// Time of the last write, nanoseconds since the Unix epoch.
     pub updated_at: i64,
+    /// Set while the mesh writes pieces out of order into the data file:
+    /// only the bytes before this offset are known good. A crash leaves the
+    /// marker behind, and reopening cuts the file back to it.
+    #[serde(default)]
+    pub verified_until: Option<i64>,
 }
 
 /// Handle on the metadata database.

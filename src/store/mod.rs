@@ -22,7 +22,7 @@ use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use digest::Digest;
-pub use ingest::{Ingest, IngestStatus};
+pub use ingest::{Ingest, IngestStatus, digest_in_ref};
 use metadata::{BlobMeta, Metadata};
 
 /// How long a writer waits for a ref another writer holds before giving up

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod netns;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -18,6 +20,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
+
+use netns::{Host, command_in};
 
 /// How long a process may take to come up.
 const STARTUP: Duration = Duration::from_secs(30);
@@ -172,15 +176,32 @@ pub struct Dfdaemon {
     pub data_dir: PathBuf,
     pub socket: PathBuf,
     log: PathBuf,
+    /// The test-net host it runs in (None: the root namespace).
+    host: Option<Host>,
+    /// Arguments after `--data-dir` and `--content-socket`, on every (re)start.
+    pub extra_args: Vec<String>,
     proc: Option<Proc>,
 }
 
 impl Dfdaemon {
     pub fn start(scratch: &Scratch, name: &str) -> Self {
+        Self::start_in(scratch, name, None, Vec::new())
+    }
+
+    /// Starts dfdaemon inside `host`'s network namespace (if any), with
+    /// `extra_args` after the data dir and content socket.
+    pub fn start_in(
+        scratch: &Scratch,
+        name: &str,
+        host: Option<&Host>,
+        extra_args: Vec<String>,
+    ) -> Self {
         let mut daemon = Self {
             data_dir: scratch.join(&format!("{name}-data")),
             socket: scratch.join(&format!("{name}.sock")),
             log: scratch.join(&format!("{name}.log")),
+            host: host.cloned(),
+            extra_args,
             proc: None,
         };
         daemon.restart();
@@ -189,12 +210,14 @@ impl Dfdaemon {
 
     /// Starts the daemon again (after [`Dfdaemon::kill9`] or [`Dfdaemon::stop`]).
     pub fn restart(&mut self) {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_dfdaemon"));
+        let netns = self.host.as_ref().map(Host::netns);
+        let mut command = command_in(netns, env!("CARGO_BIN_EXE_dfdaemon"));
         command
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--content-socket")
             .arg(&self.socket)
+            .args(&self.extra_args)
             .env("RUST_LOG", "debug");
         let mut proc = Proc::spawn("dfdaemon", &mut command, self.log.clone());
         let socket = self.socket.clone();
@@ -287,16 +310,26 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-/// A private docker-registry on a loopback port.
+/// A private docker-registry on a loopback port, or on port 5000 of a
+/// test-net host.
 pub struct Registry {
+    /// `ip:port` it listens on.
     pub host: String,
     _proc: Proc,
 }
 
 impl Registry {
     pub fn start(scratch: &Scratch) -> Self {
-        let port = free_port();
-        let host = format!("127.0.0.1:{port}");
+        Self::start_in(scratch, None)
+    }
+
+    /// Starts the registry inside `net_host`'s network namespace, listening
+    /// on the host's address, port 5000; without one, on a free loopback port.
+    pub fn start_in(scratch: &Scratch, net_host: Option<&Host>) -> Self {
+        let host = match net_host {
+            Some(h) => format!("{}:5000", h.ip()),
+            None => format!("127.0.0.1:{}", free_port()),
+        };
         let storage = scratch.join("registry");
         fs::create_dir_all(&storage).unwrap();
         let config = scratch.join("registry.yml");
@@ -310,7 +343,9 @@ impl Registry {
         .unwrap();
         let mut proc = Proc::spawn(
             "docker-registry",
-            Command::new("docker-registry").arg("serve").arg(&config),
+            command_in(net_host.map(Host::netns), "docker-registry")
+                .arg("serve")
+                .arg(&config),
             scratch.join("registry.log"),
         );
         proc.wait_until("listen", || std::net::TcpStream::connect(&host).is_ok());
@@ -390,6 +425,8 @@ pub struct Containerd {
     pub root: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    /// The test-net host it (and `ctr`) runs in (None: the root namespace).
+    host: Option<Host>,
     proc: Option<Proc>,
 }
 
@@ -397,6 +434,21 @@ impl Containerd {
     /// Starts containerd with dfdaemon's `plugin_socket` as its content
     /// store; `registry` is reachable over plain HTTP (also for CRI pulls).
     pub fn start(scratch: &Scratch, name: &str, plugin_socket: &Path, registry: &str) -> Self {
+        Self::start_in(scratch, name, None, plugin_socket, registry)
+    }
+
+    /// Like [`Containerd::start`], inside `host`'s network namespace (if
+    /// any). [`Containerd::ctr`] then runs there too: `ctr image pull`
+    /// fetches from the registry in the ctr process itself. Mounts containerd
+    /// makes (unpacking) stay in its private mount namespace (see
+    /// [`Host::command`]).
+    pub fn start_in(
+        scratch: &Scratch,
+        name: &str,
+        host: Option<&Host>,
+        plugin_socket: &Path,
+        registry: &str,
+    ) -> Self {
         let dir = scratch.join(name);
         let certs = dir.join("certs.d");
         fs::create_dir_all(certs.join(registry)).unwrap();
@@ -445,6 +497,7 @@ disabled_plugins = ["io.containerd.content.v1.content"]
             root,
             config,
             log: scratch.join(&format!("{name}.log")),
+            host: host.cloned(),
             proc: None,
         };
         containerd.restart();
@@ -452,9 +505,12 @@ disabled_plugins = ["io.containerd.content.v1.content"]
     }
 
     pub fn restart(&mut self) {
+        let netns = self.host.as_ref().map(Host::netns);
         let mut proc = Proc::spawn(
             "containerd",
-            Command::new("containerd").arg("--config").arg(&self.config),
+            command_in(netns, "containerd")
+                .arg("--config")
+                .arg(&self.config),
             self.log.clone(),
         );
         let socket = self.socket.clone();
@@ -487,7 +543,7 @@ disabled_plugins = ["io.containerd.content.v1.content"]
 
     /// Runs `ctr` against this containerd in namespace `test`.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
+        command_in(self.host.as_ref().map(Host::netns), "ctr")
             .arg("--address")
             .arg(&self.socket)
             .args(["--namespace", "test"])
@@ -539,6 +595,35 @@ impl Node {
     pub fn start(scratch: &Scratch, registry: &Registry) -> Self {
         let dfdaemon = Dfdaemon::start(scratch, "dfdaemon");
         let containerd = Containerd::start(scratch, "containerd", &dfdaemon.socket, &registry.host);
+        Self {
+            dfdaemon,
+            containerd,
+        }
+    }
+
+    /// A node inside test-net `host`: its dfdaemon (with `dfdaemon_args`) and
+    /// containerd run in the host's namespace, named `<host>-dfdaemon` and
+    /// `<host>-containerd` in the scratch dir (so several share one).
+    pub fn start_in(
+        scratch: &Scratch,
+        host: &Host,
+        registry: &Registry,
+        dfdaemon_args: Vec<String>,
+    ) -> Self {
+        let name = host.name();
+        let dfdaemon = Dfdaemon::start_in(
+            scratch,
+            &format!("{name}-dfdaemon"),
+            Some(host),
+            dfdaemon_args,
+        );
+        let containerd = Containerd::start_in(
+            scratch,
+            &format!("{name}-containerd"),
+            Some(host),
+            &dfdaemon.socket,
+            &registry.host,
+        );
         Self {
             dfdaemon,
             containerd,

@@ -1,0 +1,79 @@
+//! dfdaemon's YAML config file. Also reads the seed deployment's
+//! `/etc/dragonfly/dfget.yml`, whose `nodes:` lists the supernodes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// Where the seed deployment kept its config.
+pub const SEED_CONFIG: &str = "/etc/dragonfly/dfget.yml";
+/// The supernode port when an address has none.
+pub const SUPERNODE_PORT: u16 = 8002;
+
+/// Every key is optional; command-line options win over the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub content_socket: Option<PathBuf>,
+    /// Supernodes, `IP[:PORT]`.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    pub advertise_ip: Option<IpAddr>,
+    pub upload_port: Option<u16>,
+    pub upload_slots: Option<usize>,
+    pub download_parallelism: Option<usize>,
+    pub stall_timeout_ms: Option<u64>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        serde_yaml_ng::from_str(&text).with_context(|| format!("parse {}", path.display()))
+    }
+
+    /// The file's config, or the defaults if there is no such file.
+    pub fn load_if_present(path: &Path) -> anyhow::Result<Self> {
+        if path.exists() {
+            Self::load(path)
+        } else {
+            Ok(Self::default())
+        }
+    }
+}
+
+/// Validates supernode addresses, adding the default port where missing.
+pub fn supernode_addrs(nodes: &[String]) -> anyhow::Result<Vec<String>> {
+    nodes
+        .iter()
+        .map(|node| {
+            if let Ok(addr) = node.parse::<SocketAddr>() {
+                return Ok(addr.to_string());
+            }
+            let ip: IpAddr = node
+                .parse()
+                .with_context(|| format!("supernode address {node:?} is neither IP nor IP:PORT"))?;
+            Ok(SocketAddr::new(ip, SUPERNODE_PORT).to_string())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_seed_format() {
+        let config: FileConfig =
+            serde_yaml_ng::from_str("nodes:\n  - 10.0.0.1\n  - 10.0.0.2:9000\n").unwrap();
+        assert_eq!(
+            supernode_addrs(&config.nodes).unwrap(),
+            vec!["10.0.0.1:8002".to_string(), "10.0.0.2:9000".to_string()]
+        );
+        assert!(supernode_addrs(&["example.com".into()]).is_err());
+        assert!(serde_yaml_ng::from_str::<FileConfig>("bogus_key: 1\n").is_err());
+    }
+}

@@ -1,0 +1,192 @@
+//! The piece mesh on a node: the supernode client, the piece server, the
+//! blobs in flight, and what the content plugin does with them for one
+//! blob (see [`session`]).
+
+pub mod downloader;
+pub mod piece;
+pub mod piece_server;
+pub mod session;
+pub mod supernode_client;
+pub mod tasks;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::store::{Digest, Store};
+use api::{HeldBlob, Host, Piece};
+use piece_server::PieceServer;
+use supernode_client::{Answer, SupernodeError, Supernodes};
+use tasks::{LocalTask, LocalTasks};
+
+/// The mesh gRPC API (proto/mesh.proto), client and server.
+pub mod api {
+    tonic::include_proto!("damselfly.mesh.v1");
+}
+
+/// How a node takes part in the mesh.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Supernode addresses ("ip:port"), in the seed's `nodes:` order.
+    pub supernodes: Vec<String>,
+    /// The address peers reach this node's piece server at.
+    pub advertise_ip: IpAddr,
+    pub upload_port: u16,
+    /// Concurrent piece uploads served.
+    pub upload_slots: usize,
+    /// Concurrent piece downloads per blob.
+    pub download_parallelism: usize,
+    /// A download that makes no progress for this long falls back to the
+    /// registry from its verified offset.
+    pub stall_timeout: Duration,
+}
+
+/// Bytes and pieces by where they came from, and failures by kind.
+#[derive(Default)]
+pub struct MeshStats {
+    pub registry_bytes: AtomicU64,
+    pub peer_bytes: AtomicU64,
+    pub pieces_fetched: AtomicU64,
+    pub bad_pieces: AtomicU64,
+    pub failed_pieces: AtomicU64,
+    pub stalls: AtomicU64,
+    pub supernode_failures: AtomicU64,
+}
+
+/// The mesh as one node sees it.
+pub struct Mesh {
+    pub config: MeshConfig,
+    pub supernodes: Arc<Supernodes>,
+    pub tasks: Arc<LocalTasks>,
+    pub piece_server: Arc<PieceServer>,
+    pub stats: MeshStats,
+}
+
+impl Mesh {
+    /// Binds the piece server and starts heartbeats to the supernodes.
+    pub async fn start(config: MeshConfig, store: Arc<Store>) -> anyhow::Result<Arc<Self>> {
+        let host = Host {
+            id: format!("{}:{}", config.advertise_ip, config.upload_port),
+            ip: config.advertise_ip.to_string(),
+            upload_port: u32::from(config.upload_port),
+        };
+        let supernodes = Supernodes::new(host, &config.supernodes)?;
+        let tasks = Arc::new(LocalTasks::default());
+        let piece_server = PieceServer::new(store, tasks.clone(), config.upload_slots);
+        let listen = SocketAddr::new(config.advertise_ip, config.upload_port);
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listen for piece uploads on {listen}"))?;
+        tracing::info!(%listen, supernodes = ?config.supernodes, "mesh enabled; piece server listening");
+        tokio::spawn(piece_server.clone().serve(listener));
+        let mesh = Arc::new(Self {
+            config,
+            supernodes: supernodes.clone(),
+            tasks,
+            piece_server,
+            stats: MeshStats::default(),
+        });
+        let held = {
+            let mesh = Arc::downgrade(&mesh);
+            Arc::new(move || mesh.upgrade().map(|m| m.held()).unwrap_or_default())
+        };
+        let uploads = {
+            let server = mesh.piece_server.clone();
+            Arc::new(move || server.uploads_in_use() as u32)
+        };
+        tokio::spawn(supernodes.heartbeats(held, uploads));
+        Ok(mesh)
+    }
+
+    /// What this node holds of blobs in flight, for (re-)registration.
+    pub fn held(&self) -> Vec<HeldBlob> {
+        self.tasks
+            .all()
+            .iter()
+            .map(|t| held_blob(t, false))
+            .collect()
+    }
+
+    /// Calls the supernode that owns `digest`'s task.
+    pub async fn call<T, F, Fut>(
+        &self,
+        digest: &Digest,
+        what: &'static str,
+        call: F,
+    ) -> Result<Answer<T>, SupernodeError>
+    where
+        F: Fn(api::supernode_client::SupernodeClient<tonic::transport::Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let result = self
+            .supernodes
+            .call(digest, what, &|| self.held(), call)
+            .await;
+        if result.is_err() {
+            self.stats
+                .supernode_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Tells the task's supernode which pieces this node holds.
+    pub async fn announce(&self, task: &LocalTask, complete: bool) {
+        let blob = held_blob(task, complete);
+        let answer = self
+            .call(&task.digest, "announce", |mut c| {
+                let request = api::AnnounceRequest {
+                    host_id: self.supernodes.host().id.clone(),
+                    blob: Some(blob.clone()),
+                };
+                async move { c.announce(request).await }
+            })
+            .await;
+        if let Err(e) = answer {
+            tracing::warn!(digest = %task.digest, error = %e, "could not announce pieces");
+        }
+    }
+
+    /// Keeps the supernode up to date with `task`'s pieces: announces after
+    /// every `dirty` notification (batched), until `done` is notified.
+    pub async fn announcer(
+        self: Arc<Self>,
+        task: Arc<LocalTask>,
+        dirty: Arc<Notify>,
+        done: Arc<Notify>,
+    ) {
+        /// Batch announcements of pieces completing in quick succession.
+        const BATCH: Duration = Duration::from_millis(50);
+        loop {
+            tokio::select! {
+                () = dirty.notified() => {
+                    tokio::time::sleep(BATCH).await;
+                    self.announce(&task, false).await;
+                }
+                () = done.notified() => return,
+            }
+        }
+    }
+}
+
+fn held_blob(task: &LocalTask, complete: bool) -> HeldBlob {
+    HeldBlob {
+        digest: task.digest.to_string(),
+        size: task.size as i64,
+        piece_size: task.piece_size,
+        pieces: task
+            .held()
+            .into_iter()
+            .map(|(number, digest)| Piece {
+                number,
+                digest: digest.to_string(),
+            })
+            .collect(),
+        complete,
+    }
+}

@@ -1,0 +1,274 @@
+//! The mesh's part in one containerd Write stream for a layer blob. The
+//! negotiation STAT starts a background Join; the next STAT (the one
+//! containerd's client waits on) settles the role: download from peers
+//! (the STAT is held until the blob is complete, so containerd commits
+//! without asking the registry) or ingest from the registry (containerd
+//! streams the blob in; each piece is announced as it completes).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use tokio::sync::Notify;
+use tokio::task::{JoinHandle, block_in_place};
+
+use super::Mesh;
+use super::api::{JoinRequest, Role};
+use super::downloader::{DownloadEnd, download};
+use super::piece::{piece_range, piece_size};
+use super::tasks::LocalTask;
+use crate::store::{Digest, Ingest, StoreError, digest_in_ref};
+
+/// How long a Join may take before the node just pulls from the registry.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The mesh side of one Write stream.
+pub struct BlobSession {
+    mesh: Arc<Mesh>,
+    digest: Digest,
+    size: u64,
+    join: Option<JoinHandle<Option<(Role, String)>>>,
+    ingesting: Option<Ingesting>,
+    task: Option<Arc<LocalTask>>,
+}
+
+/// This node writes the blob from the registry and publishes its pieces.
+struct Ingesting {
+    hasher: PieceHasher,
+    dirty: Arc<Notify>,
+    done: Arc<Notify>,
+    supernode: String,
+}
+
+impl BlobSession {
+    /// A session for a layer blob whose ref names its digest and whose size
+    /// is known; `None` for anything else (that stays a plain local write).
+    pub fn start(mesh: &Arc<Mesh>, reference: &str, total: i64) -> Option<Self> {
+        let kind = reference.rsplit('/').next()?;
+        if !kind.starts_with("layer-") || total <= 0 {
+            return None;
+        }
+        let digest = digest_in_ref(reference)?;
+        let join = {
+            let mesh = mesh.clone();
+            let digest = digest.clone();
+            tokio::spawn(async move { join(&mesh, &digest, total).await })
+        };
+        Some(Self {
+            mesh: mesh.clone(),
+            digest,
+            size: total as u64,
+            join: Some(join),
+            ingesting: None,
+            task: None,
+        })
+    }
+
+    /// Called before answering each STAT after the negotiation. The first
+    /// call settles the role and, for a downloader, downloads.
+    pub async fn before_stat(&mut self, ingest: &mut Ingest) -> Result<(), StoreError> {
+        let Some(join) = self.join.take() else {
+            return Ok(());
+        };
+        let Ok(Some((role, supernode))) = join.await else {
+            return Ok(()); // no supernode: a plain pull from the registry
+        };
+        let task = self.mesh.tasks.start(
+            self.digest.clone(),
+            self.size,
+            piece_size(self.size),
+            ingest.data_path(),
+        );
+        self.task = Some(task.clone());
+        block_in_place(|| seed_verified_prefix(&task, ingest))?;
+        if role == Role::Download {
+            tracing::info!(digest = %self.digest, size = self.size, %supernode, "downloading from peers");
+            match download(&self.mesh, &task, ingest, &supernode).await? {
+                DownloadEnd::Complete => return Ok(()),
+                DownloadEnd::TakeOver | DownloadEnd::Stalled => {}
+            }
+        }
+        tracing::info!(digest = %self.digest, size = self.size, offset = ingest.offset(), %supernode, "ingesting from the registry");
+        let hasher = block_in_place(|| PieceHasher::resume(&task, ingest))?;
+        let dirty = Arc::new(Notify::new());
+        let done = Arc::new(Notify::new());
+        tokio::spawn(
+            self.mesh
+                .clone()
+                .announcer(task, dirty.clone(), done.clone()),
+        );
+        self.ingesting = Some(Ingesting {
+            hasher,
+            dirty,
+            done,
+            supernode,
+        });
+        Ok(())
+    }
+
+    /// containerd wrote `data` (from the registry), taking the ingest from
+    /// offset `before` to `after` (a write at offset 0 starts it over).
+    pub fn wrote(&mut self, before: i64, after: i64, data: &[u8]) {
+        let (Some(ingesting), Some(task)) = (self.ingesting.as_mut(), self.task.as_ref()) else {
+            return;
+        };
+        if after - before != data.len() as i64 {
+            task.forget_from(0);
+            ingesting.hasher.restart();
+        }
+        self.mesh
+            .stats
+            .registry_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        for (number, digest) in ingesting.hasher.update(data) {
+            let (start, end) = piece_range(number, task.size, task.piece_size);
+            tracing::info!(
+                taskID = %task.digest, superNode = %ingesting.supernode, dstCid = "registry",
+                range = %format!("{start}-{}", end - 1), pieceSize = end - start, pieceNum = number,
+                source = "registry", "downloading piece"
+            );
+            task.verified(number, digest);
+            ingesting.dirty.notify_one();
+        }
+    }
+
+    /// The blob was committed: tell the supernode this node holds all of it.
+    pub fn committed(&self) {
+        if let Some(task) = self.task.clone() {
+            let mesh = self.mesh.clone();
+            tokio::spawn(async move { mesh.announce(&task, true).await });
+        }
+    }
+}
+
+impl Drop for BlobSession {
+    /// The stream ended: stop announcing and serving from the ingest (a
+    /// committed blob is served from the store from now on).
+    fn drop(&mut self) {
+        if let Some(ingesting) = &self.ingesting {
+            ingesting.done.notify_one();
+        }
+        if let Some(task) = &self.task {
+            self.mesh.tasks.finish(task);
+        }
+    }
+}
+
+/// Asks the task's supernode for this node's role; `None` if no supernode
+/// answered in time.
+async fn join(mesh: &Arc<Mesh>, digest: &Digest, size: i64) -> Option<(Role, String)> {
+    let request = JoinRequest {
+        host_id: mesh.supernodes.host().id.clone(),
+        digest: digest.to_string(),
+        size,
+    };
+    let call = mesh.call(digest, "join", |mut c| {
+        let request = request.clone();
+        async move { c.join(request).await }
+    });
+    match tokio::time::timeout(JOIN_TIMEOUT, call).await {
+        Ok(Ok(answer)) => {
+            let role = Role::try_from(answer.value.role).ok()?;
+            Some((role, answer.addr))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%digest, error = %e, "no supernode: pulling from the registry");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%digest, "supernode join timed out: pulling from the registry");
+            None
+        }
+    }
+}
+
+/// Marks the pieces an ingest already holds whole (it was resumed) as
+/// verified, with their digests computed from the data.
+fn seed_verified_prefix(task: &LocalTask, ingest: &mut Ingest) -> Result<(), StoreError> {
+    let whole = ingest.offset() as u64 / task.piece_size;
+    if whole == 0 {
+        return Ok(());
+    }
+    let file = ingest.data_file()?;
+    for number in 0..whole as u32 {
+        let (start, end) = piece_range(number, task.size, task.piece_size);
+        task.verified(number, hash_range(&file, start, end)?);
+    }
+    Ok(())
+}
+
+fn hash_range(file: &File, start: u64, end: u64) -> Result<Digest, StoreError> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = start;
+    while at < end {
+        let n = buf.len().min((end - at) as usize);
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(|e| StoreError::io("read back a piece", e))?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(Digest::from_hasher(hasher))
+}
+
+/// Hashes a sequentially written blob piece by piece.
+struct PieceHasher {
+    size: u64,
+    piece_size: u64,
+    /// Bytes of the blob hashed so far.
+    position: u64,
+    current: Sha256,
+}
+
+impl PieceHasher {
+    /// Starts at the ingest's offset, re-reading the part of the current
+    /// piece already written.
+    fn resume(task: &LocalTask, ingest: &mut Ingest) -> Result<Self, StoreError> {
+        let position = ingest.offset() as u64;
+        let piece_start = position - position % task.piece_size;
+        let mut current = Sha256::new();
+        if piece_start < position {
+            let file = ingest.data_file()?;
+            let mut buf = vec![0u8; (position - piece_start) as usize];
+            file.read_exact_at(&mut buf, piece_start)
+                .map_err(|e| StoreError::io("read back the current piece", e))?;
+            current.update(&buf);
+        }
+        Ok(Self {
+            size: task.size,
+            piece_size: task.piece_size,
+            position,
+            current,
+        })
+    }
+
+    /// Starts over at offset 0.
+    fn restart(&mut self) {
+        self.position = 0;
+        self.current = Sha256::new();
+    }
+
+    /// Feeds bytes; returns the pieces they completed.
+    fn update(&mut self, mut data: &[u8]) -> Vec<(u32, Digest)> {
+        let mut done = Vec::new();
+        while !data.is_empty() && self.position < self.size {
+            let piece_end =
+                (self.position - self.position % self.piece_size + self.piece_size).min(self.size);
+            let take = data.len().min((piece_end - self.position) as usize);
+            self.current.update(&data[..take]);
+            self.position += take as u64;
+            data = &data[take..];
+            if self.position == piece_end {
+                let number = ((piece_end - 1) / self.piece_size) as u32;
+                done.push((
+                    number,
+                    Digest::from_hasher(std::mem::take(&mut self.current)),
+                ));
+            }
+        }
+        done
+    }
+}

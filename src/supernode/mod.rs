@@ -1,0 +1,172 @@
+//! The supernode, the mesh's coordinator: serves the Supernode gRPC API of
+//! proto/mesh.proto over the [`scheduler::Scheduler`] and Prometheus metrics
+//! over HTTP, until SIGINT or SIGTERM. Its state is soft (rebuilt from the
+//! daemons' registrations after a restart); its data dir holds nothing yet.
+
+mod bits;
+pub mod metrics;
+pub mod scheduler;
+pub mod service;
+mod wire;
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use futures::FutureExt;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::mesh::api::supernode_server::SupernodeServer;
+use metrics::SupernodeMetrics;
+use scheduler::{Scheduler, SchedulerConfig};
+use service::SupernodeService;
+
+/// What the supernode needs to run.
+#[derive(Debug, Clone)]
+pub struct SupernodeConfig {
+    /// Its own directory (the future repo of hot blobs); created if missing.
+    pub data_dir: PathBuf,
+    /// Where the gRPC API listens (port 8002 by convention).
+    pub listen: SocketAddr,
+    /// The address daemons reach this supernode at.
+    pub advertise_ip: IpAddr,
+    /// Where `/metrics` is served.
+    pub metrics_listen: SocketAddr,
+    pub scheduler: SchedulerConfig,
+}
+
+/// Runs the supernode until SIGINT or SIGTERM.
+pub async fn run(config: SupernodeConfig) -> anyhow::Result<()> {
+    tokio::fs::create_dir_all(&config.data_dir)
+        .await
+        .with_context(|| format!("create the data dir {}", config.data_dir.display()))?;
+    let grpc = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen for gRPC on {}", config.listen))?;
+    let metrics = TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("listen for metrics on {}", config.metrics_listen))?;
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        listen = %config.listen,
+        advertise_ip = %config.advertise_ip,
+        "supernode starting"
+    );
+    serve(config.scheduler, grpc, metrics, terminated()).await
+}
+
+/// Serves the gRPC API on `grpc` and the metrics on `metrics` until
+/// `shutdown` completes, expiring silent hosts every heartbeat interval.
+pub async fn serve(
+    config: SchedulerConfig,
+    grpc: TcpListener,
+    metrics: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let grpc_addr = grpc.local_addr().context("gRPC listener address")?;
+    let mut registry = Registry::default();
+    let service = SupernodeService::new(
+        Scheduler::new(config.clone()),
+        SupernodeMetrics::register(&mut registry),
+    );
+    let expiry = tokio::spawn(
+        service
+            .clone()
+            .expire_periodically(config.heartbeat_interval),
+    );
+    let shutdown = shutdown.shared();
+    let metrics_server = crate::metrics::serve(metrics, Arc::new(registry), shutdown.clone());
+    tracing::info!(addr = %grpc_addr, "serving the mesh API");
+    let grpc_server = async {
+        Server::builder()
+            .add_service(SupernodeServer::new(service))
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                shutdown,
+            )
+            .await
+            .with_context(|| format!("serve gRPC on {grpc_addr}"))
+    };
+    let served = tokio::try_join!(grpc_server, metrics_server);
+    expiry.abort();
+    served.map(|_| ())
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+async fn terminated() {
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::api::supernode_client::SupernodeClient;
+    use crate::mesh::api::{HeartbeatRequest, Host, JoinRequest, RegisterRequest, Role};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn serves_the_mesh_api_and_metrics_until_shutdown() {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc_addr, metrics_addr) = (grpc.local_addr().unwrap(), metrics.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(SchedulerConfig::default(), grpc, metrics, async {
+            stopped.await.ok();
+        }));
+
+        let mut client = SupernodeClient::connect(format!("http://{grpc_addr}"))
+            .await
+            .unwrap();
+        let heartbeat = HeartbeatRequest {
+            host_id: "a".into(),
+            uploads_in_use: 0,
+        };
+        let answer = client.heartbeat(heartbeat.clone()).await.unwrap();
+        assert!(answer.into_inner().reregister);
+        let register = RegisterRequest {
+            host: Some(Host {
+                id: "a".into(),
+                ip: "127.0.0.1".into(),
+                upload_port: 65002,
+            }),
+            blobs: vec![],
+        };
+        let answer = client.register(register).await.unwrap().into_inner();
+        assert_eq!(answer.heartbeat_ms, 1000);
+        let join = JoinRequest {
+            host_id: "a".into(),
+            digest: crate::store::Digest::of(b"blob").to_string(),
+            size: 10,
+        };
+        let answer = client.join(join).await.unwrap().into_inner();
+        assert_eq!(answer.role(), Role::Ingest);
+
+        let mut http = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        http.read_to_string(&mut text).await.unwrap();
+        for line in [
+            "damselfly_supernode_hosts 1",
+            "damselfly_supernode_tasks 1",
+            "damselfly_supernode_ingesters_elected_total 1",
+        ] {
+            assert!(text.contains(line), "no {line:?} in {text}");
+        }
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+}

@@ -1,0 +1,1069 @@
+//! The supernode's scheduler: the whole mesh state (hosts, tasks, which host
+//! holds which verified piece, who ingests, which uploads are in flight) as a
+//! pure state machine. No I/O, no clock: every call is given `now`. One method
+//! per RPC of proto/mesh.proto, plus [`Scheduler::expire`]; what an operator
+//! should hear about is queued as [`Event`]s for the caller to log and count.
+//!
+//! Representation, sized for 10,000 hosts × 1,024 pieces per task: hosts live
+//! in numbered slots; per task, every piece has a bitset of the slots holding
+//! it and every member a bitset of the pieces it holds; and for every load `l`
+//! below the upload cap, one bitset holds the hosts whose load is `l`. A
+//! Schedule call ORs those into the set of parents eligible for the caller;
+//! picking the least-loaded eligible holder of a piece is then a word-wise AND
+//! of two bitsets (and of the lower load levels only when the first holder
+//! found is busy), resumed round-robin from where the previous pick of that
+//! piece stopped: O(wanted × hosts/64) word operations at worst, never a walk
+//! over hosts × pieces.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use super::bits::Bits;
+use super::wire::{self, Blob, HostInfo};
+use crate::mesh::api::{
+    AnnounceRequest, AnnounceResponse, Assignment, HeartbeatRequest, HeartbeatResponse,
+    JoinRequest, JoinResponse, LeaveRequest, LeaveResponse, Outcome, Parent, RegisterRequest,
+    RegisterResponse, ReportRequest, ReportResponse, Role, ScheduleRequest, ScheduleResponse,
+};
+use crate::mesh::piece::{piece_count, piece_size};
+use crate::store::Digest;
+
+/// Heartbeat intervals a host may miss before it is dropped.
+pub const MISSED_HEARTBEATS: u32 = 3;
+/// How long an assignment counts as an upload in flight without a report.
+pub const ASSIGNMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most assignments one Schedule call hands out.
+pub const MAX_ASSIGNMENTS: usize = 32;
+/// Failed transfers from one parent after which a downloader stops getting it.
+pub const FAILURES_TO_DROP: u32 = 2;
+
+/// Tunables of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// How often daemons send heartbeats (told to them at Register).
+    pub heartbeat_interval: Duration,
+    /// Most concurrent piece uploads asked of one host (at least 1).
+    pub upload_cap: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(1000),
+            upload_cap: 8,
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SchedulerError {
+    /// Malformed, out of range, or contradicting what the task already knows.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The host is not registered (the supernode restarted or the host
+    /// expired): it must register again.
+    #[error("host {0:?} is not registered: register again")]
+    UnknownHost(String),
+    /// Nobody joined this blob (or everyone left it).
+    #[error("no task for {0}: join it first")]
+    UnknownTask(Digest),
+}
+
+/// Something an operator should see, in the order it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `host` was the first to want `digest`: it fetches it from the registry.
+    IngesterElected { digest: Digest, host: String },
+    /// The ingester of `digest` is gone and `host` resumes the blob from the
+    /// registry at byte `contiguous`.
+    TakeOver {
+        digest: Digest,
+        host: String,
+        contiguous: u64,
+    },
+    /// `host` no longer ingests `digest` (`why`: left, expired, banned).
+    IngesterGone {
+        digest: Digest,
+        host: String,
+        why: &'static str,
+    },
+    /// `host` missed its heartbeats and was dropped with all it held.
+    HostExpired { host: String },
+    /// `parent` served or announced corrupt pieces of `digest`: it is dropped
+    /// from the task for every downloader.
+    BadParent {
+        digest: Digest,
+        parent: String,
+        why: String,
+    },
+    /// Transfers of `digest` from `parent` to `reporter` failed repeatedly:
+    /// `reporter` stops getting `parent` as a parent.
+    ParentDropped {
+        digest: Digest,
+        parent: String,
+        reporter: String,
+    },
+    /// What `host` registered of `digest` contradicts the task: ignored.
+    BlobRejected {
+        digest: Digest,
+        host: String,
+        why: String,
+    },
+}
+
+/// The mesh state. See the module documentation.
+pub struct Scheduler {
+    config: SchedulerConfig,
+    hosts: Hosts,
+    tasks: HashMap<TaskId, Task>,
+    task_ids: HashMap<Digest, TaskId>,
+    next_task_id: TaskId,
+    events: Vec<Event>,
+}
+
+impl Scheduler {
+    /// An empty scheduler.
+    ///
+    /// # Panics
+    /// If `config.upload_cap` is 0.
+    pub fn new(config: SchedulerConfig) -> Self {
+        assert!(config.upload_cap > 0, "the upload cap must be at least 1");
+        Self {
+            hosts: Hosts::new(config.upload_cap),
+            config,
+            tasks: HashMap::new(),
+            task_ids: HashMap::new(),
+            next_task_id: 0,
+            events: Vec::new(),
+        }
+    }
+
+    /// Hosts registered and alive.
+    pub fn host_count(&self) -> usize {
+        self.hosts.by_id.len()
+    }
+
+    /// Blobs some live host holds, downloads or ingests.
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// The events queued since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Register: adds the host, or refreshes it, and replaces what it holds
+    /// with the request's blobs (a blob contradicting its task is skipped with
+    /// [`Event::BlobRejected`]). Roles (ingester, downloader) are kept.
+    pub fn register(
+        &mut self,
+        request: &RegisterRequest,
+        now: Instant,
+    ) -> Result<RegisterResponse, SchedulerError> {
+        let info = wire::host(request.host.as_ref())?;
+        let blobs = request
+            .blobs
+            .iter()
+            .map(|blob| wire::blob(Some(blob)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let host_id = info.id.clone();
+        let slot = self.hosts.upsert(info, now);
+        self.forget_holdings(slot);
+        for blob in blobs {
+            let digest = blob.digest.clone();
+            if let Err(e) = self.record_blob(slot, blob) {
+                self.events.push(Event::BlobRejected {
+                    digest,
+                    host: host_id.clone(),
+                    why: e.to_string(),
+                });
+            }
+        }
+        let heartbeat_ms = u32::try_from(self.config.heartbeat_interval.as_millis());
+        Ok(RegisterResponse {
+            heartbeat_ms: heartbeat_ms.unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Heartbeat: keeps the host alive and records its upload load; an
+    /// unknown host is told to register again.
+    pub fn heartbeat(
+        &mut self,
+        request: &HeartbeatRequest,
+        now: Instant,
+    ) -> Result<HeartbeatResponse, SchedulerError> {
+        let id = wire::host_id(&request.host_id)?;
+        let Some(slot) = self.hosts.slot_of(id) else {
+            return Ok(HeartbeatResponse { reregister: true });
+        };
+        self.hosts.update_load(slot, |host| {
+            host.last_seen = now;
+            host.reported_uploads = request.uploads_in_use;
+        });
+        Ok(HeartbeatResponse { reregister: false })
+    }
+
+    /// Join: the caller ingests the blob if no other live host holds any of
+    /// it or ingests it (or if it already is the ingester); else it downloads.
+    /// A host banned from the task never ingests it.
+    pub fn join(
+        &mut self,
+        request: &JoinRequest,
+        now: Instant,
+    ) -> Result<JoinResponse, SchedulerError> {
+        let slot = self.touch(&request.host_id, now)?;
+        let digest = wire::digest(&request.digest)?;
+        let size = wire::size(request.size, "blob size")?;
+        let task_id = self.task_for(&digest, size)?;
+        self.enroll(task_id, slot);
+        let task = self.tasks.get_mut(&task_id).expect("task just found");
+        let role = if task.ingester == Some(slot) {
+            Role::Ingest
+        } else if task.ingester.is_some()
+            || task.others_hold_pieces(slot)
+            || task.members[&slot].banned
+        {
+            let contiguous = task.members[&slot].downloading.unwrap_or(0);
+            task.set_downloading(slot, contiguous);
+            Role::Download
+        } else {
+            task.ingester = Some(slot);
+            task.stop_downloading(slot);
+            self.events.push(Event::IngesterElected {
+                digest,
+                host: self.hosts.get(slot).id.clone(),
+            });
+            Role::Ingest
+        };
+        Ok(JoinResponse {
+            role: role.into(),
+            piece_size: task.piece_size,
+        })
+    }
+
+    /// Announce: records the pieces (or the whole blob) the host verified.
+    /// The first digest published for a piece is its reference: a host that
+    /// announces another one is refused and banned from the task. A complete
+    /// blob clears its holder's ingester role (the ingest is over).
+    pub fn announce(
+        &mut self,
+        request: &AnnounceRequest,
+        now: Instant,
+    ) -> Result<AnnounceResponse, SchedulerError> {
+        let slot = self.touch(&request.host_id, now)?;
+        let blob = wire::blob(request.blob.as_ref())?;
+        self.record_blob(slot, blob)?;
+        Ok(AnnounceResponse {})
+    }
+
+    /// Schedule: a parent for each wanted piece that has an eligible one,
+    /// rarest pieces first, at most [`MAX_ASSIGNMENTS`]; or, when the task has
+    /// lost its ingester and a wanted piece exists nowhere, `take_over` for the
+    /// one downloader that holds the most contiguous bytes.
+    pub fn schedule(
+        &mut self,
+        request: &ScheduleRequest,
+        now: Instant,
+    ) -> Result<ScheduleResponse, SchedulerError> {
+        let slot = self.touch(&request.host_id, now)?;
+        let digest = wire::digest(&request.digest)?;
+        let task_id = *self
+            .task_ids
+            .get(&digest)
+            .ok_or(SchedulerError::UnknownTask(digest))?;
+        let task = &self.tasks[&task_id];
+        let contiguous = wire::size(request.contiguous, "contiguous offset")?;
+        if contiguous > task.size {
+            return Err(SchedulerError::InvalidArgument(format!(
+                "contiguous offset {contiguous} past the end of a blob of {} bytes",
+                task.size
+            )));
+        }
+        let wanted = wire::piece_numbers(&request.wanted, task.piece_count())?;
+        self.enroll(task_id, slot);
+
+        let Self {
+            hosts,
+            tasks,
+            events,
+            ..
+        } = self;
+        let task = tasks.get_mut(&task_id).expect("task just found");
+        if task.ingester != Some(slot) {
+            task.set_downloading(slot, contiguous);
+        }
+        let mut response = ScheduleResponse {
+            total_pieces: task.piece_count(),
+            ..Default::default()
+        };
+        if task.should_take_over(slot, contiguous, &wanted) {
+            task.ingester = Some(slot);
+            task.stop_downloading(slot);
+            events.push(Event::TakeOver {
+                digest: task.digest.clone(),
+                host: hosts.get(slot).id.clone(),
+                contiguous,
+            });
+            response.take_over = true;
+        } else {
+            response.assignments = assign(hosts, task, slot, wanted, now);
+        }
+        Ok(response)
+    }
+
+    /// Report: each outcome frees its upload slot. A bad digest bans the
+    /// parent from the task for everyone; [`FAILURES_TO_DROP`] failures drop
+    /// the parent for this reporter only. Reports on a task that no longer
+    /// exists are accepted and ignored.
+    pub fn report(
+        &mut self,
+        request: &ReportRequest,
+        now: Instant,
+    ) -> Result<ReportResponse, SchedulerError> {
+        let slot = self.touch(&request.host_id, now)?;
+        let digest = wire::digest(&request.digest)?;
+        let results = request
+            .results
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.number,
+                    wire::host_id(&r.parent_id)?,
+                    wire::outcome(r.outcome)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, SchedulerError>>()?;
+        let Some(&task_id) = self.task_ids.get(&digest) else {
+            return Ok(ReportResponse {});
+        };
+        let count = self.tasks[&task_id].piece_count();
+        for &(number, _, _) in &results {
+            wire::check_piece(number, count)?;
+        }
+        self.enroll(task_id, slot);
+        let reporter = self.hosts.reference(slot);
+        for (number, parent_id, outcome) in results {
+            let Some(parent) = self.hosts.slot_of(parent_id) else {
+                continue; // Expired: its uploads went with it.
+            };
+            self.hosts.finish_upload(parent, task_id, reporter, number);
+            match outcome {
+                Outcome::BadDigest if self.tasks[&task_id].holds(parent, number) => {
+                    let why = format!(
+                        "{} received piece {number} with a wrong digest",
+                        self.hosts.get(slot).id
+                    );
+                    self.ban(task_id, parent, why);
+                }
+                Outcome::Failed => self.count_failure(task_id, slot, parent),
+                _ => {}
+            }
+        }
+        self.tidy(task_id, slot);
+        Ok(ReportResponse {})
+    }
+
+    /// Leave: the host stops downloading or ingesting the blob. The pieces it
+    /// announced stay offered: a daemon that deleted them says so by
+    /// registering again (Register replaces what a host holds).
+    pub fn leave(
+        &mut self,
+        request: &LeaveRequest,
+        now: Instant,
+    ) -> Result<LeaveResponse, SchedulerError> {
+        let slot = self.touch(&request.host_id, now)?;
+        let digest = wire::digest(&request.digest)?;
+        let Some(&task_id) = self.task_ids.get(&digest) else {
+            return Ok(LeaveResponse {});
+        };
+        let task = self.tasks.get_mut(&task_id).expect("task just found");
+        task.stop_downloading(slot);
+        if task.ingester == Some(slot) {
+            task.ingester = None;
+            self.events.push(Event::IngesterGone {
+                digest,
+                host: self.hosts.get(slot).id.clone(),
+                why: "left",
+            });
+        }
+        self.tidy(task_id, slot);
+        Ok(LeaveResponse {})
+    }
+
+    /// Drops the hosts silent for [`MISSED_HEARTBEATS`] intervals (with their
+    /// pieces, uploads and ingester roles) and frees upload slots whose
+    /// assignment is older than [`ASSIGNMENT_TIMEOUT`] or whose downloader is
+    /// gone. Call it about once per heartbeat interval.
+    pub fn expire(&mut self, now: Instant) {
+        let silence = self.config.heartbeat_interval * MISSED_HEARTBEATS;
+        for slot in self.hosts.silent(now, silence) {
+            self.remove_host(slot);
+        }
+        self.hosts.sweep_uploads(now);
+    }
+
+    /// The slot of registered host `id`, marked alive at `now`: any request
+    /// from a host shows it is alive.
+    fn touch(&mut self, id: &str, now: Instant) -> Result<u32, SchedulerError> {
+        let id = wire::host_id(id)?;
+        let slot = self
+            .hosts
+            .slot_of(id)
+            .ok_or_else(|| SchedulerError::UnknownHost(id.to_owned()))?;
+        self.hosts.get_mut(slot).last_seen = now;
+        Ok(slot)
+    }
+
+    /// The task of `digest`, created if new; its size must be `size` (the
+    /// first to name a digest sets its size).
+    fn task_for(&mut self, digest: &Digest, size: u64) -> Result<TaskId, SchedulerError> {
+        if let Some(&id) = self.task_ids.get(digest) {
+            let known = self.tasks[&id].size;
+            if known != size {
+                return Err(SchedulerError::InvalidArgument(format!(
+                    "{digest} is a blob of {known} bytes, not {size}"
+                )));
+            }
+            return Ok(id);
+        }
+        let id = self.next_task_id;
+        self.next_task_id += 1;
+        self.tasks.insert(id, Task::new(id, digest.clone(), size));
+        self.task_ids.insert(digest.clone(), id);
+        Ok(id)
+    }
+
+    /// Makes the host a member of the task (idempotent).
+    fn enroll(&mut self, task_id: TaskId, slot: u32) {
+        let task = self.tasks.get_mut(&task_id).expect("live task");
+        task.members.entry(slot).or_default();
+        self.hosts.get_mut(slot).tasks.insert(task_id);
+    }
+
+    /// Removes the host from the task if nothing ties it to it any more, and
+    /// the task if nothing is left of it.
+    fn tidy(&mut self, task_id: TaskId, slot: u32) {
+        let task = self.tasks.get_mut(&task_id).expect("live task");
+        let idle = task.members.get(&slot).is_some_and(Member::is_idle);
+        if idle && task.ingester != Some(slot) {
+            task.members.remove(&slot);
+            self.hosts.get_mut(slot).tasks.remove(&task_id);
+        }
+        if task.members.is_empty() {
+            let task = self.tasks.remove(&task_id).expect("live task");
+            self.task_ids.remove(&task.digest);
+        }
+    }
+
+    /// Forgets every piece the host announced (roles stay).
+    fn forget_holdings(&mut self, slot: u32) {
+        let task_ids: Vec<TaskId> = self.hosts.get(slot).tasks.iter().copied().collect();
+        for task_id in task_ids {
+            self.tasks
+                .get_mut(&task_id)
+                .expect("member of a live task")
+                .drop_holdings(slot);
+            self.tidy(task_id, slot);
+        }
+    }
+
+    /// Records what the host holds of one blob (Register, Announce).
+    fn record_blob(&mut self, slot: u32, blob: Blob) -> Result<(), SchedulerError> {
+        let task_id = self.task_for(&blob.digest, blob.size)?;
+        self.enroll(task_id, slot);
+        let result = self.apply_blob(task_id, slot, blob);
+        self.tidy(task_id, slot);
+        result
+    }
+
+    /// The checks and updates of [`Self::record_blob`] on an existing task.
+    fn apply_blob(&mut self, task_id: TaskId, slot: u32, blob: Blob) -> Result<(), SchedulerError> {
+        let task = self.tasks.get_mut(&task_id).expect("live task");
+        if task.members[&slot].banned {
+            return Ok(()); // Its pieces are not offered any more.
+        }
+        if let Some(&(number, _)) = blob.pieces.iter().find(|(n, d)| task.conflicts(*n, d)) {
+            let why = format!("announced piece {number} with a digest other than the first one");
+            self.ban(task_id, slot, why.clone());
+            return Err(SchedulerError::InvalidArgument(format!(
+                "{}: {why}",
+                blob.digest
+            )));
+        }
+        if blob.complete
+            && let Some(number) = task.piece_without_digest(&blob.pieces)
+        {
+            return Err(SchedulerError::InvalidArgument(format!(
+                "{}: complete, but no digest known for piece {number}",
+                blob.digest
+            )));
+        }
+        for (number, digest) in blob.pieces {
+            task.pieces[number as usize].digest.get_or_insert(digest);
+            task.add_piece(slot, number);
+        }
+        if blob.complete {
+            task.mark_complete(slot);
+        }
+        Ok(())
+    }
+
+    /// Drops the host from the task as a source: its pieces are no longer
+    /// offered, later announcements are ignored, it cannot ingest.
+    fn ban(&mut self, task_id: TaskId, slot: u32, why: String) {
+        let host = self.hosts.get(slot).id.clone();
+        let task = self.tasks.get_mut(&task_id).expect("live task");
+        task.ban(slot);
+        if task.ingester == Some(slot) {
+            task.ingester = None;
+            self.events.push(Event::IngesterGone {
+                digest: task.digest.clone(),
+                host: host.clone(),
+                why: "banned",
+            });
+        }
+        self.events.push(Event::BadParent {
+            digest: task.digest.clone(),
+            parent: host,
+            why,
+        });
+    }
+
+    /// Counts a failed transfer from `parent` to `reporter`; at
+    /// [`FAILURES_TO_DROP`] the reporter stops getting that parent.
+    fn count_failure(&mut self, task_id: TaskId, reporter: u32, parent: u32) {
+        let parent_ref = self.hosts.reference(parent);
+        let task = self.tasks.get_mut(&task_id).expect("live task");
+        let member = task.members.get_mut(&reporter).expect("enrolled reporter");
+        let failures = match member.failures.iter_mut().find(|(p, _)| *p == parent_ref) {
+            Some((_, count)) => {
+                *count += 1;
+                *count
+            }
+            None => {
+                member.failures.push((parent_ref, 1));
+                1
+            }
+        };
+        if failures == FAILURES_TO_DROP {
+            member.bad_parents.push(parent_ref);
+            self.events.push(Event::ParentDropped {
+                digest: task.digest.clone(),
+                parent: self.hosts.get(parent).id.clone(),
+                reporter: self.hosts.get(reporter).id.clone(),
+            });
+        }
+    }
+
+    /// Drops an expired host and everything it held or did.
+    fn remove_host(&mut self, slot: u32) {
+        let host = self.hosts.remove(slot);
+        self.events.push(Event::HostExpired {
+            host: host.id.clone(),
+        });
+        for task_id in host.tasks {
+            let task = self.tasks.get_mut(&task_id).expect("member of a live task");
+            if task.ingester == Some(slot) {
+                self.events.push(Event::IngesterGone {
+                    digest: task.digest.clone(),
+                    host: host.id.clone(),
+                    why: "expired",
+                });
+            }
+            task.remove_member(slot);
+            if task.members.is_empty() {
+                let task = self.tasks.remove(&task_id).expect("live task");
+                self.task_ids.remove(&task.digest);
+            }
+        }
+    }
+}
+
+/// Picks parents for the caller's wanted pieces, rarest first, and counts
+/// each assignment as an upload in flight for its parent. While other
+/// downloaders compete, one call gets at most a quarter of a parent's upload
+/// slots: a scarce parent (the ingester, early on) then feeds several
+/// downloaders at once, each of which soon serves others, instead of the
+/// first caller taking all its slots again and again.
+fn assign(
+    hosts: &mut Hosts,
+    task: &mut Task,
+    caller: u32,
+    mut wanted: Vec<u32>,
+    now: Instant,
+) -> Vec<Assignment> {
+    wanted.retain(|&n| task.pieces[n as usize].holder_count > 0);
+    wanted.sort_unstable_by_key(|&n| (task.pieces[n as usize].holder_count, n));
+    let downloader = hosts.reference(caller);
+    let mut eligible = hosts.eligible_parents(caller, &task.members[&caller].bad_parents);
+    let share = if task.downloaders.len() > 1 {
+        hosts.upload_cap().div_ceil(4)
+    } else {
+        hosts.upload_cap()
+    };
+    let mut chosen = Vec::new();
+    let mut assignments = Vec::new();
+    for number in wanted {
+        if assignments.len() == MAX_ASSIGNMENTS {
+            break;
+        }
+        let piece = &mut task.pieces[number as usize];
+        let Some(digest) = &piece.digest else {
+            continue;
+        };
+        let Some(parent) = hosts.least_loaded(&piece.holders, piece.cursor, &eligible) else {
+            continue;
+        };
+        piece.cursor = parent + 1;
+        hosts.update_load(parent, |host| {
+            host.uploads.push(Upload {
+                task: task.id,
+                downloader,
+                piece: number,
+                deadline: now + ASSIGNMENT_TIMEOUT,
+            })
+        });
+        chosen.push(parent);
+        let given = chosen.iter().filter(|&&p| p == parent).count();
+        if given == share || hosts.at_cap(parent) {
+            eligible.remove(parent);
+        }
+        let parent = hosts.get(parent);
+        assignments.push(Assignment {
+            number,
+            piece_digest: digest.to_string(),
+            parent: Some(Parent {
+                host_id: parent.id.clone(),
+                addr: parent.addr.clone(),
+            }),
+        });
+    }
+    assignments
+}
+
+/// Tasks are numbered, never reusing a number, so that a stale upload of a
+/// deleted task can never match a new task of the same blob.
+type TaskId = u64;
+
+/// One incarnation of a host slot: stays valid only while the host that had
+/// the slot when it was taken is alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HostRef {
+    slot: u32,
+    generation: u32,
+}
+
+/// A registered daemon.
+struct Host {
+    id: String,
+    /// `ip:port` of its piece server.
+    addr: String,
+    last_seen: Instant,
+    /// Uploads it said (Heartbeat) it serves.
+    reported_uploads: u32,
+    /// Assignments to it not yet reported or timed out.
+    uploads: Vec<Upload>,
+    /// Tasks it is a member of.
+    tasks: HashSet<TaskId>,
+}
+
+impl Host {
+    /// Its load: the assignments in flight, or the uploads it reported if
+    /// more (the report includes those assignments, so the two are not added).
+    fn load(&self) -> u32 {
+        (self.uploads.len() as u32).max(self.reported_uploads)
+    }
+}
+
+/// An assignment in flight: `downloader` fetches `piece` of `task`.
+struct Upload {
+    task: TaskId,
+    downloader: HostRef,
+    piece: u32,
+    deadline: Instant,
+}
+
+/// All hosts, in reusable slots, indexed by id and by load.
+struct Hosts {
+    slots: Vec<Option<Host>>,
+    /// Bumped when a slot is vacated: see [`HostRef`].
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    by_id: HashMap<String, u32>,
+    /// `by_load[l]`: the hosts whose load is `l`, for every `l` below the cap.
+    by_load: Vec<Bits>,
+}
+
+impl Hosts {
+    fn new(upload_cap: u32) -> Self {
+        Self {
+            slots: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            by_id: HashMap::new(),
+            by_load: vec![Bits::default(); upload_cap as usize],
+        }
+    }
+
+    fn slot_of(&self, id: &str) -> Option<u32> {
+        self.by_id.get(id).copied()
+    }
+
+    fn get(&self, slot: u32) -> &Host {
+        self.slots[slot as usize].as_ref().expect("live host slot")
+    }
+
+    fn get_mut(&mut self, slot: u32) -> &mut Host {
+        self.slots[slot as usize].as_mut().expect("live host slot")
+    }
+
+    fn reference(&self, slot: u32) -> HostRef {
+        HostRef {
+            slot,
+            generation: self.generations[slot as usize],
+        }
+    }
+
+    /// Whether the host `host` was taken from is still alive.
+    fn is_live(&self, host: HostRef) -> bool {
+        self.generations[host.slot as usize] == host.generation
+    }
+
+    /// Updates a registered host's address, or adds a new host.
+    fn upsert(&mut self, info: HostInfo, now: Instant) -> u32 {
+        if let Some(slot) = self.slot_of(&info.id) {
+            let host = self.get_mut(slot);
+            host.addr = info.addr;
+            host.last_seen = now;
+            return slot;
+        }
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.generations.push(0);
+            (self.slots.len() - 1) as u32
+        });
+        self.by_id.insert(info.id.clone(), slot);
+        self.by_load[0].insert(slot);
+        self.slots[slot as usize] = Some(Host {
+            id: info.id,
+            addr: info.addr,
+            last_seen: now,
+            reported_uploads: 0,
+            uploads: Vec::new(),
+            tasks: HashSet::new(),
+        });
+        slot
+    }
+
+    /// Vacates a slot; every [`HostRef`] to it goes stale.
+    fn remove(&mut self, slot: u32) -> Host {
+        let host = self.slots[slot as usize].take().expect("live host slot");
+        self.by_id.remove(&host.id);
+        relevel(&mut self.by_load, slot, host.load(), u32::MAX);
+        self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1);
+        self.free.push(slot);
+        host
+    }
+
+    /// Applies `change` to a host and files it under its new load.
+    fn update_load(&mut self, slot: u32, change: impl FnOnce(&mut Host)) {
+        let host = self.slots[slot as usize].as_mut().expect("live host slot");
+        let before = host.load();
+        change(host);
+        let after = host.load();
+        relevel(&mut self.by_load, slot, before, after);
+    }
+
+    /// Frees the upload slot of an assignment, if it is still in flight.
+    fn finish_upload(&mut self, parent: u32, task: TaskId, downloader: HostRef, piece: u32) {
+        self.update_load(parent, |host| {
+            let found = host
+                .uploads
+                .iter()
+                .position(|u| u.task == task && u.downloader == downloader && u.piece == piece);
+            if let Some(index) = found {
+                host.uploads.swap_remove(index);
+            }
+        });
+    }
+
+    fn upload_cap(&self) -> usize {
+        self.by_load.len()
+    }
+
+    fn at_cap(&self, slot: u32) -> bool {
+        self.get(slot).load() as usize >= self.upload_cap()
+    }
+
+    /// The hosts `caller` may get as parents: below the upload cap, neither
+    /// itself nor one of its `bad_parents`.
+    fn eligible_parents(&self, caller: u32, bad_parents: &[HostRef]) -> Bits {
+        let mut eligible = Bits::default();
+        for level in &self.by_load {
+            eligible.union_with(level);
+        }
+        eligible.remove(caller);
+        for &bad in bad_parents {
+            if self.is_live(bad) {
+                eligible.remove(bad.slot);
+            }
+        }
+        eligible
+    }
+
+    /// The least-loaded `eligible` holder, the first from `start` on
+    /// (round-robin) among equally loaded ones. One pass over the words finds
+    /// whether there is any (most often there is none, or it is idle); only
+    /// then are the load levels below its load searched.
+    fn least_loaded(&self, holders: &Bits, start: u32, eligible: &Bits) -> Option<u32> {
+        let first = holders.next_common(eligible, start, |_| true)?;
+        let lower_levels = &self.by_load[..self.get(first).load() as usize];
+        let lower = lower_levels
+            .iter()
+            .find_map(|level| holders.next_common(level, start, |slot| eligible.contains(slot)));
+        Some(lower.unwrap_or(first))
+    }
+
+    /// Hosts not heard from for longer than `silence`.
+    fn silent(&self, now: Instant, silence: Duration) -> Vec<u32> {
+        let is_silent = |host: &Host| now.saturating_duration_since(host.last_seen) > silence;
+        (0..self.slots.len() as u32)
+            .filter(|&slot| self.slots[slot as usize].as_ref().is_some_and(is_silent))
+            .collect()
+    }
+
+    /// Frees the uploads past their deadline or whose downloader is gone.
+    fn sweep_uploads(&mut self, now: Instant) {
+        let Self {
+            slots,
+            generations,
+            by_load,
+            ..
+        } = self;
+        let live = |host: HostRef| generations[host.slot as usize] == host.generation;
+        for (slot, host) in slots.iter_mut().enumerate() {
+            let Some(host) = host else { continue };
+            let before = host.load();
+            host.uploads
+                .retain(|upload| upload.deadline > now && live(upload.downloader));
+            relevel(by_load, slot as u32, before, host.load());
+        }
+    }
+}
+
+/// Moves `slot` from load level `before` to `after` (levels at or above the
+/// cap are not indexed).
+fn relevel(by_load: &mut [Bits], slot: u32, before: u32, after: u32) {
+    if before == after {
+        return;
+    }
+    if let Some(level) = by_load.get_mut(before as usize) {
+        level.remove(slot);
+    }
+    if let Some(level) = by_load.get_mut(after as usize) {
+        level.insert(slot);
+    }
+}
+
+/// One blob and who holds, downloads or ingests it.
+struct Task {
+    id: TaskId,
+    digest: Digest,
+    size: u64,
+    piece_size: u64,
+    pieces: Vec<PieceState>,
+    /// Hosts holding, downloading, ingesting or banned from the blob.
+    members: HashMap<u32, Member>,
+    ingester: Option<u32>,
+    /// Members holding the whole blob.
+    complete_holders: u32,
+    /// Downloaders (not banned) by the contiguous bytes they last reported:
+    /// the last one is who takes over.
+    downloaders: BTreeSet<(u64, u32)>,
+}
+
+/// One piece of a task.
+#[derive(Default)]
+struct PieceState {
+    /// The first digest published for it: the reference.
+    digest: Option<Digest>,
+    holders: Bits,
+    holder_count: u32,
+    /// Where the next search for a parent starts (round-robin).
+    cursor: u32,
+}
+
+/// One host's part in a task.
+#[derive(Default)]
+struct Member {
+    pieces: Bits,
+    complete: bool,
+    /// While it downloads the blob: the contiguous bytes it last reported.
+    downloading: Option<u64>,
+    /// Served or announced a corrupt piece: dropped as a source.
+    banned: bool,
+    /// Parents it does not get any more (failed too often).
+    bad_parents: Vec<HostRef>,
+    /// Failed transfers from each parent.
+    failures: Vec<(HostRef, u32)>,
+}
+
+impl Member {
+    /// Nothing ties the host to the task (the ingester role aside).
+    fn is_idle(&self) -> bool {
+        !self.complete && !self.banned && self.downloading.is_none() && self.pieces.is_empty()
+    }
+}
+
+impl Task {
+    fn new(id: TaskId, digest: Digest, size: u64) -> Self {
+        let piece_size = piece_size(size);
+        let count = piece_count(size, piece_size) as usize;
+        Self {
+            id,
+            digest,
+            size,
+            piece_size,
+            pieces: (0..count).map(|_| PieceState::default()).collect(),
+            members: HashMap::new(),
+            ingester: None,
+            complete_holders: 0,
+            downloaders: BTreeSet::new(),
+        }
+    }
+
+    fn piece_count(&self) -> u32 {
+        self.pieces.len() as u32
+    }
+
+    fn holds(&self, slot: u32, number: u32) -> bool {
+        self.pieces[number as usize].holders.contains(slot)
+    }
+
+    /// Whether `digest` contradicts the reference digest of piece `number`.
+    fn conflicts(&self, number: u32, digest: &Digest) -> bool {
+        self.pieces[number as usize]
+            .digest
+            .as_ref()
+            .is_some_and(|known| known != digest)
+    }
+
+    /// A piece with no reference digest and none in `announced`.
+    fn piece_without_digest(&self, announced: &[(u32, Digest)]) -> Option<u32> {
+        let mut known = Bits::default();
+        for &(number, _) in announced {
+            known.insert(number);
+        }
+        (0..self.piece_count())
+            .find(|&n| self.pieces[n as usize].digest.is_none() && !known.contains(n))
+    }
+
+    /// Whether another host holds or ingests some of the blob.
+    fn others_hold_pieces(&self, slot: u32) -> bool {
+        let own = &self.members[&slot];
+        self.complete_holders > u32::from(own.complete)
+            || (0..self.piece_count())
+                .any(|n| self.pieces[n as usize].holder_count > u32::from(own.pieces.contains(n)))
+    }
+
+    /// Whether the caller must take over ingesting: no ingester, the blob
+    /// complete nowhere, a wanted piece held by nobody, and no other
+    /// downloader holding more contiguous bytes.
+    fn should_take_over(&self, slot: u32, contiguous: u64, wanted: &[u32]) -> bool {
+        self.ingester.is_none()
+            && self.complete_holders == 0
+            && !self.members[&slot].banned
+            && wanted
+                .iter()
+                .any(|&n| self.pieces[n as usize].holder_count == 0)
+            && self
+                .downloaders
+                .last()
+                .is_none_or(|&(best, _)| best <= contiguous)
+    }
+
+    /// Records that the member holds piece `number`.
+    fn add_piece(&mut self, slot: u32, number: u32) {
+        let member = self.members.get_mut(&slot).expect("member");
+        if member.pieces.insert(number) {
+            let piece = &mut self.pieces[number as usize];
+            piece.holders.insert(slot);
+            piece.holder_count += 1;
+        }
+    }
+
+    /// Records that the member holds the whole blob: it no longer downloads
+    /// it, and no longer ingests it.
+    fn mark_complete(&mut self, slot: u32) {
+        for number in 0..self.piece_count() {
+            self.add_piece(slot, number);
+        }
+        let member = self.members.get_mut(&slot).expect("member");
+        if !std::mem::replace(&mut member.complete, true) {
+            self.complete_holders += 1;
+        }
+        self.stop_downloading(slot);
+        if self.ingester == Some(slot) {
+            self.ingester = None;
+        }
+    }
+
+    /// Forgets the pieces the member holds.
+    fn drop_holdings(&mut self, slot: u32) {
+        let Some(member) = self.members.get_mut(&slot) else {
+            return;
+        };
+        for number in member.pieces.iter() {
+            let piece = &mut self.pieces[number as usize];
+            piece.holders.remove(slot);
+            piece.holder_count -= 1;
+        }
+        member.pieces = Bits::default();
+        if std::mem::take(&mut member.complete) {
+            self.complete_holders -= 1;
+        }
+    }
+
+    fn set_downloading(&mut self, slot: u32, contiguous: u64) {
+        let member = self.members.get_mut(&slot).expect("member");
+        if let Some(old) = member.downloading.replace(contiguous) {
+            self.downloaders.remove(&(old, slot));
+        }
+        if !member.banned {
+            self.downloaders.insert((contiguous, slot));
+        }
+    }
+
+    fn stop_downloading(&mut self, slot: u32) {
+        if let Some(member) = self.members.get_mut(&slot)
+            && let Some(old) = member.downloading.take()
+        {
+            self.downloaders.remove(&(old, slot));
+        }
+    }
+
+    /// Drops the member as a source (it may still download).
+    fn ban(&mut self, slot: u32) {
+        self.drop_holdings(slot);
+        let member = self.members.get_mut(&slot).expect("member");
+        member.banned = true;
+        if let Some(contiguous) = member.downloading {
+            self.downloaders.remove(&(contiguous, slot));
+        }
+    }
+
+    /// Drops the member with everything it held or did.
+    fn remove_member(&mut self, slot: u32) {
+        self.drop_holdings(slot);
+        self.stop_downloading(slot);
+        if self.ingester == Some(slot) {
+            self.ingester = None;
+        }
+        self.members.remove(&slot);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,744 @@
+//! Unit tests of the scheduler: a simulated clock and a handful of hosts.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::mesh::api::{self, HeldBlob, PieceResult};
+
+/// Pieces of the test blob.
+const PIECES: u32 = 64;
+const PIECE: i64 = 4 << 20;
+const SIZE: i64 = PIECES as i64 * PIECE;
+
+fn blob() -> Digest {
+    Digest::of(b"the test blob")
+}
+
+fn piece_digest(number: u32) -> String {
+    Digest::of(&number.to_le_bytes()).to_string()
+}
+
+fn held(pieces: impl IntoIterator<Item = u32>, complete: bool) -> HeldBlob {
+    HeldBlob {
+        digest: blob().to_string(),
+        size: SIZE,
+        piece_size: PIECE as u64,
+        pieces: pieces
+            .into_iter()
+            .map(|number| api::Piece {
+                number,
+                digest: piece_digest(number),
+            })
+            .collect(),
+        complete,
+    }
+}
+
+fn invalid<T: std::fmt::Debug>(result: Result<T, SchedulerError>) -> bool {
+    matches!(result, Err(SchedulerError::InvalidArgument(_)))
+}
+
+/// A scheduler and a clock.
+struct Mesh {
+    scheduler: Scheduler,
+    now: Instant,
+}
+
+impl Mesh {
+    fn new() -> Self {
+        Self::with_cap(SchedulerConfig::default().upload_cap)
+    }
+
+    fn with_cap(upload_cap: u32) -> Self {
+        Self {
+            scheduler: Scheduler::new(SchedulerConfig {
+                upload_cap,
+                ..Default::default()
+            }),
+            now: Instant::now(),
+        }
+    }
+
+    fn register(&mut self, id: &str, blobs: Vec<HeldBlob>) {
+        let request = RegisterRequest {
+            host: Some(api::Host {
+                id: id.into(),
+                ip: "10.0.0.1".into(),
+                upload_port: 65002,
+            }),
+            blobs,
+        };
+        let response = self.scheduler.register(&request, self.now).unwrap();
+        assert_eq!(response.heartbeat_ms, 1000);
+    }
+
+    /// Registers hosts that hold the whole blob.
+    fn seeds(&mut self, ids: &[&str]) {
+        for id in ids {
+            self.register(id, vec![held(0..PIECES, true)]);
+        }
+    }
+
+    fn join(&mut self, id: &str) -> Role {
+        let request = JoinRequest {
+            host_id: id.into(),
+            digest: blob().to_string(),
+            size: SIZE,
+        };
+        let response = self.scheduler.join(&request, self.now).unwrap();
+        assert_eq!(response.piece_size, PIECE as u64);
+        response.role()
+    }
+
+    fn announce(&mut self, id: &str, blob: HeldBlob) -> Result<(), SchedulerError> {
+        let request = AnnounceRequest {
+            host_id: id.into(),
+            blob: Some(blob),
+        };
+        self.scheduler.announce(&request, self.now).map(|_| ())
+    }
+
+    fn schedule(&mut self, id: &str, wanted: impl IntoIterator<Item = u32>) -> ScheduleResponse {
+        self.schedule_at(id, wanted, 0)
+    }
+
+    fn schedule_at(
+        &mut self,
+        id: &str,
+        wanted: impl IntoIterator<Item = u32>,
+        contiguous: i64,
+    ) -> ScheduleResponse {
+        let request = ScheduleRequest {
+            host_id: id.into(),
+            digest: blob().to_string(),
+            wanted: wanted.into_iter().collect(),
+            contiguous,
+        };
+        let response = self.scheduler.schedule(&request, self.now).unwrap();
+        assert_eq!(response.total_pieces, PIECES);
+        response
+    }
+
+    fn report(&mut self, id: &str, results: &[(u32, &str, Outcome)]) {
+        let request = ReportRequest {
+            host_id: id.into(),
+            digest: blob().to_string(),
+            results: results
+                .iter()
+                .map(|&(number, parent, outcome)| PieceResult {
+                    number,
+                    parent_id: parent.into(),
+                    outcome: outcome.into(),
+                })
+                .collect(),
+        };
+        self.scheduler.report(&request, self.now).unwrap();
+    }
+
+    /// Reports every assignment of `response` with `outcome`.
+    fn report_all(&mut self, id: &str, response: &ScheduleResponse, outcome: Outcome) {
+        let results: Vec<_> = response
+            .assignments
+            .iter()
+            .map(|a| (a.number, parent_of(a), outcome))
+            .collect();
+        self.report(id, &results);
+    }
+
+    fn leave(&mut self, id: &str) {
+        let request = LeaveRequest {
+            host_id: id.into(),
+            digest: blob().to_string(),
+        };
+        self.scheduler.leave(&request, self.now).unwrap();
+    }
+
+    /// Heartbeats; true if the supernode asks to register again.
+    fn heartbeat(&mut self, id: &str, uploads_in_use: u32) -> bool {
+        let request = HeartbeatRequest {
+            host_id: id.into(),
+            uploads_in_use,
+        };
+        self.scheduler
+            .heartbeat(&request, self.now)
+            .unwrap()
+            .reregister
+    }
+
+    /// Lets `seconds` pass while `alive` heartbeat every second.
+    fn pass(&mut self, seconds: u64, alive: &[&str]) {
+        for _ in 0..seconds {
+            self.now += Duration::from_secs(1);
+            for id in alive {
+                assert!(!self.heartbeat(id, 0));
+            }
+            self.scheduler.expire(self.now);
+        }
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        self.scheduler.take_events()
+    }
+}
+
+fn parent_of(assignment: &Assignment) -> &str {
+    &assignment.parent.as_ref().unwrap().host_id
+}
+
+fn numbers(response: &ScheduleResponse) -> Vec<u32> {
+    response.assignments.iter().map(|a| a.number).collect()
+}
+
+fn parents(response: &ScheduleResponse) -> Vec<&str> {
+    response.assignments.iter().map(parent_of).collect()
+}
+
+fn per_parent(response: &ScheduleResponse) -> HashMap<&str, usize> {
+    let mut counts = HashMap::new();
+    for parent in parents(response) {
+        *counts.entry(parent).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn first_joiner_ingests_later_ones_download_and_a_restarted_ingester_ingests_again() {
+    let mut mesh = Mesh::new();
+    mesh.register("a", vec![]);
+    mesh.register("b", vec![]);
+    assert_eq!(mesh.join("a"), Role::Ingest);
+    assert_eq!(mesh.join("b"), Role::Download);
+    // The ingester restarted and asks again: it still ingests.
+    mesh.register("a", vec![]);
+    assert_eq!(mesh.join("a"), Role::Ingest);
+    assert_eq!(
+        mesh.events(),
+        [Event::IngesterElected {
+            digest: blob(),
+            host: "a".into()
+        }]
+    );
+}
+
+#[test]
+fn joiners_download_when_pieces_exist_without_an_ingester() {
+    let mut mesh = Mesh::new();
+    mesh.register("holder", vec![held(0..3, false)]);
+    mesh.register("b", vec![]);
+    assert_eq!(mesh.join("b"), Role::Download);
+    // Its own pieces do not count: a host alone with its pieces ingests.
+    assert_eq!(mesh.join("holder"), Role::Ingest);
+}
+
+#[test]
+fn requests_are_validated() {
+    let mut mesh = Mesh::new();
+    mesh.register("a", vec![]);
+    mesh.join("a");
+    let now = mesh.now;
+    let s = &mut mesh.scheduler;
+    let join = |id: &str, digest: String, size| JoinRequest {
+        host_id: id.into(),
+        digest,
+        size,
+    };
+    assert_eq!(
+        s.join(&join("ghost", blob().to_string(), SIZE), now),
+        Err(SchedulerError::UnknownHost("ghost".into()))
+    );
+    assert!(invalid(s.join(&join("", blob().to_string(), SIZE), now)));
+    assert!(invalid(
+        s.join(&join(&"x".repeat(129), blob().to_string(), SIZE), now)
+    ));
+    assert!(invalid(s.join(&join("a", "sha256:abc".into(), SIZE), now)));
+    assert!(invalid(s.join(&join("a", blob().to_string(), -1), now)));
+    // First writer wins: the task's size is fixed.
+    assert!(invalid(
+        s.join(&join("a", blob().to_string(), SIZE + 1), now)
+    ));
+
+    let schedule = |wanted: Vec<u32>, contiguous, digest: &Digest| ScheduleRequest {
+        host_id: "a".into(),
+        digest: digest.to_string(),
+        wanted,
+        contiguous,
+    };
+    assert!(invalid(
+        s.schedule(&schedule(vec![PIECES], 0, &blob()), now)
+    ));
+    assert!(invalid(s.schedule(&schedule(vec![0], -1, &blob()), now)));
+    assert!(invalid(
+        s.schedule(&schedule(vec![0], SIZE + 1, &blob()), now)
+    ));
+    let other = Digest::of(b"other");
+    assert_eq!(
+        s.schedule(&schedule(vec![0], 0, &other), now),
+        Err(SchedulerError::UnknownTask(other))
+    );
+
+    let report = |number, outcome: i32| ReportRequest {
+        host_id: "a".into(),
+        digest: blob().to_string(),
+        results: vec![PieceResult {
+            number,
+            parent_id: "b".into(),
+            outcome,
+        }],
+    };
+    assert!(invalid(s.report(&report(0, 0), now)));
+    assert!(invalid(s.report(&report(PIECES, Outcome::Ok.into()), now)));
+
+    let register = |ip: &str, port| RegisterRequest {
+        host: Some(api::Host {
+            id: "c".into(),
+            ip: ip.into(),
+            upload_port: port,
+        }),
+        blobs: vec![],
+    };
+    assert!(invalid(s.register(&register("not-an-ip", 1), now)));
+    assert!(invalid(s.register(&register("10.0.0.3", 0), now)));
+    assert!(invalid(s.register(&RegisterRequest::default(), now)));
+    assert_eq!(s.host_count(), 1);
+}
+
+#[test]
+fn register_is_idempotent_and_replaces_what_the_host_holds() {
+    let mut mesh = Mesh::new();
+    mesh.register("a", vec![held(0..4, false)]);
+    mesh.register("a", vec![held([5], false)]);
+    assert_eq!(mesh.scheduler.host_count(), 1);
+    mesh.register("b", vec![]);
+    mesh.join("b");
+    assert_eq!(parents(&mesh.schedule("b", [5])), ["a"]);
+    // Nobody holds piece 0 any more (and nobody ingests): b takes over.
+    assert!(mesh.schedule("b", [0]).take_over);
+    // Registering with nothing drops the host from the task.
+    mesh.register("a", vec![]);
+    mesh.leave("b");
+    assert_eq!(mesh.scheduler.task_count(), 0);
+}
+
+#[test]
+fn unknown_hosts_are_asked_to_register_again() {
+    let mut mesh = Mesh::new();
+    assert!(mesh.heartbeat("a", 0));
+    mesh.register("a", vec![]);
+    assert!(!mesh.heartbeat("a", 0));
+}
+
+#[test]
+fn announcements_must_agree_with_the_task() {
+    let mut mesh = Mesh::new();
+    mesh.seeds(&["a"]);
+    mesh.register("b", vec![]);
+    mesh.register("c", vec![]);
+
+    let mut wrong_size = held([0], false);
+    wrong_size.size = SIZE - 1;
+    wrong_size.piece_size = PIECE as u64;
+    assert!(invalid(mesh.announce("b", wrong_size)));
+    assert!(invalid(mesh.announce("b", held([PIECES], false))));
+
+    // Another digest for a known piece: refused, and b is dropped as a source.
+    let mut forged = held([0, 1], false);
+    forged.pieces[0].digest = Digest::of(b"forged").to_string();
+    assert!(invalid(mesh.announce("b", forged)));
+    assert!(matches!(
+        mesh.events().as_slice(),
+        [Event::BadParent { parent, .. }] if parent == "b"
+    ));
+    mesh.announce("b", held([1], false)).unwrap();
+    mesh.join("c");
+    for _ in 0..4 {
+        let response = mesh.schedule("c", [1]);
+        assert_eq!(parents(&response), ["a"]);
+        mesh.report_all("c", &response, Outcome::Ok);
+    }
+}
+
+#[test]
+fn a_complete_announcement_needs_every_piece_digest() {
+    let mut mesh = Mesh::new();
+    mesh.register("a", vec![]);
+    mesh.join("a");
+    assert!(invalid(mesh.announce("a", held(0..PIECES - 1, true))));
+    mesh.announce("a", held(0..PIECES - 1, false)).unwrap();
+    mesh.announce("a", held([PIECES - 1], true)).unwrap();
+    mesh.register("b", vec![]);
+    assert_eq!(mesh.join("b"), Role::Download);
+    assert_eq!(mesh.schedule("b", 0..PIECES).assignments.len(), 8);
+}
+
+#[test]
+fn rarest_pieces_are_scheduled_first_and_at_most_32_per_call() {
+    let mut mesh = Mesh::with_cap(100);
+    mesh.seeds(&["a"]);
+    mesh.register("b", vec![held(0..10, false)]);
+    mesh.register("c", vec![held(0..5, false)]);
+    mesh.register("d", vec![]);
+    mesh.join("d");
+    let response = mesh.schedule("d", 0..PIECES);
+    // Pieces 10.. have one holder, 5..10 two, 0..5 three.
+    assert_eq!(numbers(&response), (10..42).collect::<Vec<_>>());
+    let response = mesh.schedule("d", (0..10).rev());
+    assert_eq!(numbers(&response), [5, 6, 7, 8, 9, 0, 1, 2, 3, 4]);
+    for assignment in &response.assignments {
+        assert_eq!(assignment.piece_digest, piece_digest(assignment.number));
+    }
+}
+
+#[test]
+fn a_parent_at_the_upload_cap_gets_no_more_until_reports_free_it() {
+    let mut mesh = Mesh::new();
+    mesh.seeds(&["a"]);
+    mesh.register("b", vec![]);
+    mesh.join("b");
+    // Alone, b may take all of a's slots.
+    let first = mesh.schedule("b", 0..20);
+    assert_eq!(first.assignments.len(), 8);
+    mesh.register("c", vec![]);
+    mesh.join("c");
+    let none = mesh.schedule("c", 0..20);
+    assert!(none.assignments.is_empty() && !none.take_over);
+
+    let freed = ScheduleResponse {
+        assignments: first.assignments[..3].to_vec(),
+        ..Default::default()
+    };
+    mesh.report_all("b", &freed, Outcome::Ok);
+    // Competing with b, c gets at most a quarter of a's slots per call.
+    assert_eq!(mesh.schedule("c", 0..20).assignments.len(), 2);
+    assert_eq!(mesh.schedule("c", 20..40).assignments.len(), 1);
+    assert!(mesh.schedule("c", 40..60).assignments.is_empty());
+}
+
+#[test]
+fn a_busy_parent_is_shared_among_competing_downloaders() {
+    let mut mesh = Mesh::new();
+    mesh.seeds(&["a"]);
+    let downloaders = ["w", "x", "y", "z"];
+    for id in downloaders {
+        mesh.register(id, vec![]);
+        mesh.join(id);
+    }
+    for id in downloaders {
+        assert_eq!(mesh.schedule(id, 0..PIECES).assignments.len(), 2);
+    }
+}
+
+#[test]
+fn load_spreads_over_the_least_loaded_holders() {
+    let mut mesh = Mesh::new();
+    mesh.seeds(&["a", "b", "c", "d"]);
+    mesh.register("x", vec![]);
+    mesh.join("x");
+    let response = mesh.schedule("x", 0..16);
+    let counts = per_parent(&response);
+    assert_eq!(counts.len(), 4);
+    assert!(counts.values().all(|&n| n == 4), "{counts:?}");
+
+    // One piece at a time, freed at once: ties rotate over all holders.
+    mesh.report_all("x", &response, Outcome::Ok);
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let response = mesh.schedule("x", [0]);
+        seen.push(parent_of(&response.assignments[0]).to_owned());
+        mesh.report_all("x", &response, Outcome::Ok);
+    }
+    assert_eq!(seen[..4], seen[4..]);
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 4);
+}
+
+#[test]
+fn reported_uploads_count_as_load() {
+    let mut mesh = Mesh::new();
+    mesh.seeds(&["a", "b"]);
+    mesh.register("x", vec![]);
+    mesh.join("x");
+    mesh.heartbeat("a", 8);
+    let response = mesh.schedule("x", 0..6);
+    assert_eq!(per_parent(&response), HashMap::from([("b", 6)]));
+    mesh.report_all("x", &response, Outcome::Ok);
+    mesh.heartbeat("a", 0);
+    mesh.heartbeat("b", 3);
+    let response = mesh.schedule("x", 0..6);
+    assert_eq!(per_parent(&response), HashMap::from([("a", 4), ("b", 2)]));
+}
+
+#[test]
+fn a_bad_digest_drops_the_parent_from_the_task_for_everyone() {
+    let mut mesh = Mesh::new();
+    mesh.seeds(&["a", "b"]);
+    for id in ["x", "y"] {
+        mesh.register(id, vec![]);
+        mesh.join(id);
+    }
+    let response = mesh.schedule("x", [0]);
+    let bad = parent_of(&response.assignments[0]).to_owned();
+    mesh.report("x", &[(0, &bad, Outcome::BadDigest)]);
+    assert!(matches!(
+        mesh.events().as_slice(),
+        [Event::BadParent { parent, .. }] if *parent == bad
+    ));
+    for id in ["x", "y"] {
+        let response = mesh.schedule(id, 0..PIECES);
+        assert!(!response.assignments.is_empty());
+        assert!(parents(&response).iter().all(|&p| p != bad));
+        mesh.report_all(id, &response, Outcome::Ok);
+    }
+    // Its later announcements are ignored.
+    mesh.announce(&bad, held(0..PIECES, true)).unwrap();
+    mesh.register("z", vec![]);
+    mesh.join("z");
+    assert!(
+        parents(&mesh.schedule("z", 0..PIECES))
+            .iter()
+            .all(|&p| p != bad)
+    );
+}
+
+#[test]
+fn repeated_failures_drop_the_parent_for_that_downloader_only() {
+    let mut mesh = Mesh::new();
+    mesh.seeds(&["a"]);
+    for id in ["x", "y"] {
+        mesh.register(id, vec![]);
+        mesh.join(id);
+    }
+    for _ in 0..FAILURES_TO_DROP {
+        assert_eq!(parents(&mesh.schedule("x", [0])), ["a"]);
+        mesh.report("x", &[(0, "a", Outcome::Failed)]);
+    }
+    assert!(matches!(
+        mesh.events().as_slice(),
+        [Event::ParentDropped { parent, reporter, .. }] if parent == "a" && reporter == "x"
+    ));
+    let response = mesh.schedule("x", [0]);
+    assert!(response.assignments.is_empty() && !response.take_over);
+    assert_eq!(parents(&mesh.schedule("y", [0])), ["a"]);
+}
+
+#[test]
+fn silent_hosts_expire_with_their_pieces_uploads_and_ingester_role() {
+    let mut mesh = Mesh::with_cap(1);
+    mesh.register("a", vec![]);
+    mesh.register("b", vec![]);
+    mesh.register("c", vec![]);
+    assert_eq!(mesh.join("a"), Role::Ingest);
+    mesh.announce("a", held(0..2, false)).unwrap();
+    mesh.join("b");
+    mesh.join("c");
+    mesh.events();
+    assert_eq!(parents(&mesh.schedule("b", [0])), ["a"]);
+
+    // Three intervals without a heartbeat are tolerated, not more.
+    mesh.pass(3, &["b", "c"]);
+    assert_eq!(mesh.scheduler.host_count(), 3);
+    mesh.pass(1, &["b", "c"]);
+    assert_eq!(mesh.scheduler.host_count(), 2);
+    assert_eq!(
+        mesh.events(),
+        [
+            Event::HostExpired { host: "a".into() },
+            Event::IngesterGone {
+                digest: blob(),
+                host: "a".into(),
+                why: "expired"
+            }
+        ]
+    );
+    assert!(
+        mesh.heartbeat("a", 0),
+        "an expired host must register again"
+    );
+
+    // Its pieces went with it: nobody holds piece 0, so b takes over.
+    let response = mesh.schedule("b", [0, 1]);
+    assert!(response.take_over && response.assignments.is_empty());
+    // b's upload slot (cap 1) is not held by a dead assignment.
+    mesh.announce("b", held([0], false)).unwrap();
+    assert_eq!(parents(&mesh.schedule("c", [0])), ["b"]);
+}
+
+#[test]
+fn the_downloader_with_the_most_contiguous_bytes_takes_over_alone() {
+    let mut mesh = Mesh::new();
+    for id in ["a", "b", "c"] {
+        mesh.register(id, vec![]);
+        mesh.join(id);
+    }
+    mesh.announce("a", held(0..2, false)).unwrap();
+    // b and c got piece 0 and 0..2; c is furthest.
+    mesh.announce("b", held([0], false)).unwrap();
+    mesh.announce("c", held(0..2, false)).unwrap();
+    assert!(!mesh.schedule_at("b", [1, 2], PIECE).take_over);
+    assert!(!mesh.schedule_at("c", [2, 3], 2 * PIECE).take_over);
+    mesh.events();
+
+    mesh.pass(4, &["b", "c"]);
+    // b asks first but c holds more: b is told nothing and waits.
+    let wait = mesh.schedule_at("b", [1, 2], PIECE);
+    assert!(!wait.take_over);
+    assert_eq!(parents(&wait), ["c"]);
+    let wait = mesh.schedule_at("b", [2], PIECE);
+    assert!(!wait.take_over && wait.assignments.is_empty());
+    assert!(mesh.schedule_at("c", [2, 3], 2 * PIECE).take_over);
+    // There is an ingester again: nobody else takes over.
+    assert!(!mesh.schedule_at("b", [2], PIECE).take_over);
+    let takeovers: Vec<_> = mesh
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::TakeOver { .. }))
+        .collect();
+    assert_eq!(
+        takeovers,
+        [Event::TakeOver {
+            digest: blob(),
+            host: "c".into(),
+            contiguous: 2 * PIECE as u64
+        }]
+    );
+}
+
+#[test]
+fn no_take_over_while_the_wanted_pieces_or_the_blob_exist() {
+    let mut mesh = Mesh::new();
+    for id in ["a", "b"] {
+        mesh.register(id, vec![]);
+        mesh.join(id);
+    }
+    mesh.announce("a", held(0..2, false)).unwrap();
+    mesh.leave("a");
+    assert!(matches!(
+        mesh.events().last(),
+        Some(Event::IngesterGone { why: "left", .. })
+    ));
+    let response = mesh.schedule("b", [0, 1]);
+    assert!(!response.take_over && response.assignments.len() == 2);
+
+    mesh.seeds(&["c"]);
+    let response = mesh.schedule("b", [5]);
+    assert!(!response.take_over && parents(&response) == ["c"]);
+    mesh.register("c", vec![]); // It deleted the blob.
+    assert!(mesh.schedule("b", [5]).take_over);
+}
+
+#[test]
+fn leaving_keeps_the_announced_pieces() {
+    let mut mesh = Mesh::new();
+    mesh.seeds(&["a"]);
+    mesh.register("b", vec![]);
+    mesh.join("b");
+    mesh.leave("a");
+    assert_eq!(parents(&mesh.schedule("b", [0])), ["a"]);
+    // A daemon that deleted the blob registers again without it.
+    mesh.register("a", vec![]);
+    let response = mesh.schedule("b", [1]);
+    assert!(response.assignments.is_empty() && response.take_over);
+}
+
+#[test]
+fn assignments_time_out_after_30_seconds() {
+    let mut mesh = Mesh::with_cap(1);
+    mesh.seeds(&["a"]);
+    for id in ["b", "c"] {
+        mesh.register(id, vec![]);
+        mesh.join(id);
+    }
+    assert_eq!(mesh.schedule("b", [0]).assignments.len(), 1);
+    assert!(mesh.schedule("c", [0]).assignments.is_empty());
+    mesh.pass(ASSIGNMENT_TIMEOUT.as_secs() - 1, &["a", "b", "c"]);
+    assert!(mesh.schedule("c", [0]).assignments.is_empty());
+    mesh.pass(1, &["a", "b", "c"]);
+    assert_eq!(parents(&mesh.schedule("c", [0])), ["a"]);
+}
+
+#[test]
+fn banned_hosts_never_ingest() {
+    let mut mesh = Mesh::new();
+    for id in ["a", "b", "c"] {
+        mesh.register(id, vec![]);
+    }
+    assert_eq!(mesh.join("a"), Role::Ingest);
+    mesh.announce("a", held([0], false)).unwrap();
+    let mut forged = held([0], false);
+    forged.pieces[0].digest = Digest::of(b"forged").to_string();
+    assert!(invalid(mesh.announce("b", forged)));
+    mesh.leave("a");
+    mesh.register("a", vec![]);
+    assert_eq!(mesh.join("b"), Role::Download);
+    assert!(!mesh.schedule("b", [0]).take_over);
+    // The next joiner ingests in its place.
+    assert_eq!(mesh.join("c"), Role::Ingest);
+}
+
+#[test]
+fn a_restarted_supernode_is_rebuilt_from_registrations() {
+    let mut mesh = Mesh::new();
+    // The daemons find the new supernode empty and register what they hold.
+    assert!(mesh.heartbeat("a", 0));
+    mesh.register("a", vec![held(0..4, false)]);
+    mesh.register("b", vec![held(0..2, false)]);
+    assert_eq!(mesh.scheduler.task_count(), 1);
+    // b resumes without joining again.
+    assert_eq!(parents(&mesh.schedule("b", [2, 3])), ["a", "a"]);
+    mesh.register("c", vec![]);
+    assert_eq!(mesh.join("c"), Role::Download);
+    let response = mesh.schedule("c", 0..4);
+    // Rarest first; the least loaded holder (b) for the common pieces.
+    assert_eq!(numbers(&response), [2, 3, 0, 1]);
+    assert_eq!(parents(&response), ["a", "a", "b", "b"]);
+}
+
+#[test]
+fn expired_downloaders_free_their_parents_upload_slots() {
+    let mut mesh = Mesh::with_cap(1);
+    mesh.seeds(&["a"]);
+    for id in ["b", "c"] {
+        mesh.register(id, vec![]);
+        mesh.join(id);
+    }
+    assert_eq!(mesh.schedule("b", [0]).assignments.len(), 1);
+    mesh.pass(4, &["a", "c"]);
+    assert_eq!(mesh.scheduler.host_count(), 2);
+    assert_eq!(parents(&mesh.schedule("c", [0])), ["a"]);
+}
+
+#[test]
+#[ignore]
+fn zz_debug_dynamics() {
+    let mut mesh = Mesh::new();
+    let n = 2000;
+    mesh.seeds(&["seed"]);
+    let ids: Vec<String> = (0..n).map(|i| format!("h{i}")).collect();
+    for id in &ids { mesh.register(id, vec![]); mesh.join(id); }
+    let mut have = vec![vec![false; PIECES as usize]; n];
+    let mut inflight: Vec<Vec<Assignment>> = vec![vec![]; n];
+    for pass in 0..200 {
+        let mut total = 0;
+        let mut hist = [0usize; 40];
+        for i in 0..n {
+            let done = std::mem::take(&mut inflight[i]);
+            if !done.is_empty() {
+                mesh.report_all(&ids[i], &ScheduleResponse { assignments: done.clone(), ..Default::default() }, Outcome::Ok);
+                for a in &done { have[i][a.number as usize] = true; }
+                let complete = have[i].iter().all(|&h| h);
+                mesh.announce(&ids[i], held(done.iter().map(|a| a.number), complete)).unwrap();
+            }
+            let wanted: Vec<u32> = (0..PIECES).filter(|&p| !have[i][p as usize]).collect();
+            if wanted.is_empty() { continue; }
+            let r = mesh.schedule(&ids[i], wanted);
+            total += r.assignments.len();
+            hist[r.assignments.len()] += 1;
+            inflight[i] = r.assignments;
+        }
+        let task = mesh.scheduler.tasks.values().next().unwrap();
+        let counts: Vec<u32> = task.pieces.iter().map(|p| p.holder_count).collect();
+        let busy = (0..mesh.scheduler.hosts.slots.len() as u32).filter(|&s| mesh.scheduler.hosts.slots[s as usize].is_some() && mesh.scheduler.hosts.at_cap(s)).count();
+        if pass % 5 == 0 { eprintln!("pass {pass}: {total} assigned; hist {:?}; holders min {} max {}; at cap {busy}", &hist[..10], counts.iter().min().unwrap(), counts.iter().max().unwrap()); }
+        if total == 0 && pass > 5 { break; }
+    }
+}

@@ -1,0 +1,227 @@
+//! Validation of the mesh API's messages: every field the scheduler uses
+//! passes through here first and comes out as a checked Rust value.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+
+use super::scheduler::SchedulerError;
+use crate::mesh::api;
+use crate::mesh::piece::{piece_count, piece_size};
+use crate::store::Digest;
+
+/// Longest host id accepted, in bytes.
+pub(crate) const MAX_HOST_ID_LEN: usize = 128;
+
+/// A daemon as it registers.
+#[derive(Debug)]
+pub(crate) struct HostInfo {
+    pub(crate) id: String,
+    /// `ip:port` of its piece server.
+    pub(crate) addr: String,
+}
+
+/// What a daemon holds of one blob.
+#[derive(Debug)]
+pub(crate) struct Blob {
+    pub(crate) digest: Digest,
+    pub(crate) size: u64,
+    /// Piece numbers (each below the blob's piece count, no repeats) and the
+    /// digests the daemon verified them against.
+    pub(crate) pieces: Vec<(u32, Digest)>,
+    pub(crate) complete: bool,
+}
+
+fn invalid(message: String) -> SchedulerError {
+    SchedulerError::InvalidArgument(message)
+}
+
+/// A host id: non-empty and at most [`MAX_HOST_ID_LEN`] bytes.
+pub(crate) fn host_id(id: &str) -> Result<&str, SchedulerError> {
+    if id.is_empty() || id.len() > MAX_HOST_ID_LEN {
+        return Err(invalid(format!(
+            "host id must be 1 to {MAX_HOST_ID_LEN} bytes, got {}",
+            id.len()
+        )));
+    }
+    Ok(id)
+}
+
+/// A registering host: valid id, IP address and non-zero port.
+pub(crate) fn host(host: Option<&api::Host>) -> Result<HostInfo, SchedulerError> {
+    let host = host.ok_or_else(|| invalid("register without a host".into()))?;
+    let id = host_id(&host.id)?.to_owned();
+    let ip: IpAddr = host
+        .ip
+        .parse()
+        .map_err(|_| invalid(format!("host {id:?}: invalid ip {:?}", host.ip)))?;
+    let port = u16::try_from(host.upload_port)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| invalid(format!("host {id:?}: invalid port {}", host.upload_port)))?;
+    Ok(HostInfo {
+        id,
+        addr: SocketAddr::new(ip, port).to_string(),
+    })
+}
+
+/// A `sha256:<64 hex>` digest.
+pub(crate) fn digest(text: &str) -> Result<Digest, SchedulerError> {
+    text.parse().map_err(|e| invalid(format!("{e}")))
+}
+
+/// A byte count or offset: not negative.
+pub(crate) fn size(value: i64, what: &str) -> Result<u64, SchedulerError> {
+    u64::try_from(value).map_err(|_| invalid(format!("negative {what}: {value}")))
+}
+
+/// Piece numbers below `count`, repeats dropped, order kept.
+pub(crate) fn piece_numbers(numbers: &[u32], count: u32) -> Result<Vec<u32>, SchedulerError> {
+    let mut seen = HashSet::with_capacity(numbers.len());
+    let mut unique = Vec::with_capacity(numbers.len());
+    for &number in numbers {
+        check_piece(number, count)?;
+        if seen.insert(number) {
+            unique.push(number);
+        }
+    }
+    Ok(unique)
+}
+
+/// Fails unless `number` is a piece of a blob with `count` pieces.
+pub(crate) fn check_piece(number: u32, count: u32) -> Result<(), SchedulerError> {
+    if number >= count {
+        return Err(invalid(format!(
+            "piece {number} out of range: the blob has {count} pieces"
+        )));
+    }
+    Ok(())
+}
+
+/// A held blob: valid digests, a size, the piece size every node computes
+/// for it ([`piece_size`]), pieces in range and listed once.
+pub(crate) fn blob(blob: Option<&api::HeldBlob>) -> Result<Blob, SchedulerError> {
+    let blob = blob.ok_or_else(|| invalid("announce without a blob".into()))?;
+    let digest = digest(&blob.digest)?;
+    let size = size(blob.size, "blob size")?;
+    if blob.piece_size != piece_size(size) {
+        return Err(invalid(format!(
+            "{digest}: piece size {} is not {} for a blob of {size} bytes",
+            blob.piece_size,
+            piece_size(size)
+        )));
+    }
+    let count = piece_count(size, blob.piece_size);
+    let mut seen = HashSet::with_capacity(blob.pieces.len());
+    let mut pieces = Vec::with_capacity(blob.pieces.len());
+    for piece in &blob.pieces {
+        check_piece(piece.number, count).map_err(|e| invalid(format!("{digest}: {e}")))?;
+        if !seen.insert(piece.number) {
+            return Err(invalid(format!(
+                "{digest}: piece {} listed twice",
+                piece.number
+            )));
+        }
+        pieces.push((piece.number, self::digest(&piece.digest)?));
+    }
+    Ok(Blob {
+        digest,
+        size,
+        pieces,
+        complete: blob.complete,
+    })
+}
+
+/// A transfer outcome other than unspecified.
+pub(crate) fn outcome(value: i32) -> Result<api::Outcome, SchedulerError> {
+    match api::Outcome::try_from(value) {
+        Ok(api::Outcome::Unspecified) | Err(_) => {
+            Err(invalid(format!("invalid piece outcome {value}")))
+        }
+        Ok(outcome) => Ok(outcome),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(n: u32) -> String {
+        Digest::of(&n.to_le_bytes()).to_string()
+    }
+
+    fn held(size: i64, pieces: &[u32]) -> api::HeldBlob {
+        api::HeldBlob {
+            digest: d(0),
+            size,
+            piece_size: piece_size(size as u64),
+            pieces: pieces
+                .iter()
+                .map(|&number| api::Piece {
+                    number,
+                    digest: d(number),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hosts_need_id_ip_and_port() {
+        let good = api::Host {
+            id: "node-1".into(),
+            ip: "::1".into(),
+            upload_port: 65002,
+        };
+        assert_eq!(host(Some(&good)).unwrap().addr, "[::1]:65002");
+        for bad in [
+            api::Host {
+                id: String::new(),
+                ..good.clone()
+            },
+            api::Host {
+                id: "x".repeat(129),
+                ..good.clone()
+            },
+            api::Host {
+                ip: "node".into(),
+                ..good.clone()
+            },
+            api::Host {
+                upload_port: 0,
+                ..good.clone()
+            },
+            api::Host {
+                upload_port: 70_000,
+                ..good.clone()
+            },
+        ] {
+            assert!(host(Some(&bad)).is_err(), "accepted {bad:?}");
+        }
+        assert!(host(None).is_err());
+    }
+
+    #[test]
+    fn blobs_need_consistent_sizes_and_pieces() {
+        let size = 10 << 20;
+        assert_eq!(blob(Some(&held(size, &[0, 2]))).unwrap().pieces.len(), 2);
+        assert!(blob(Some(&held(size, &[3]))).is_err(), "piece past the end");
+        assert!(blob(Some(&held(size, &[1, 1]))).is_err(), "piece twice");
+        assert!(blob(Some(&held(-1, &[]))).is_err(), "negative size");
+        let mut odd = held(size, &[]);
+        odd.piece_size = 1;
+        assert!(blob(Some(&odd)).is_err(), "foreign piece size");
+        let mut bad_digest = held(size, &[0]);
+        bad_digest.pieces[0].digest = "sha256:zz".into();
+        assert!(blob(Some(&bad_digest)).is_err());
+        bad_digest.digest = "md5:00".into();
+        assert!(blob(Some(&bad_digest)).is_err());
+    }
+
+    #[test]
+    fn piece_numbers_are_checked_and_deduplicated() {
+        assert_eq!(piece_numbers(&[2, 0, 2], 3).unwrap(), [2, 0]);
+        assert!(piece_numbers(&[3], 3).is_err());
+        assert!(outcome(0).is_err() && outcome(9).is_err());
+        assert_eq!(outcome(2).unwrap(), api::Outcome::BadDigest);
+    }
+}
