@@ -26,6 +26,7 @@ pub struct FileConfig {
     pub upload_slots: Option<usize>,
     pub download_parallelism: Option<usize>,
     pub stall_timeout_ms: Option<u64>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl FileConfig {

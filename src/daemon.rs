@@ -2,14 +2,19 @@
 //! when supernodes are configured, and serves the store to containerd as a
 //! content-store plugin until SIGINT or SIGTERM.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::mesh::metrics::MeshCollector;
 use crate::mesh::{Mesh, MeshConfig};
-use crate::{plugin, store::Store};
+use crate::{metrics, plugin, store::Store};
 
 /// What dfdaemon needs to run.
 #[derive(Debug, Clone)]
@@ -20,6 +25,8 @@ pub struct DaemonConfig {
     pub content_socket: PathBuf,
     /// The mesh; `None` makes dfdaemon a plain local content store.
     pub mesh: Option<MeshConfig>,
+    /// Where to serve Prometheus metrics (`/metrics`), with the mesh.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Runs the daemon until a termination signal.
@@ -32,13 +39,38 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     .with_context(|| format!("open the store in {}", config.data_dir.display()))?;
     tracing::info!(data_dir = %config.data_dir.display(), "store open");
     let mesh: Option<Arc<Mesh>> = match config.mesh {
-        Some(mesh) => Some(Mesh::start(mesh, store.clone()).await?),
+        Some(mesh) => {
+            let mesh = Mesh::start(mesh, store.clone()).await?;
+            if let Some(addr) = config.metrics_listen {
+                serve_metrics(addr, &mesh).await;
+            }
+            Some(mesh)
+        }
         None => {
             tracing::info!("no supernode configured: plain local content store");
             None
         }
     };
     plugin::serve(store, mesh, &config.content_socket, terminated()).await
+}
+
+/// Serves the mesh's metrics on `addr`. Metrics are not worth failing the
+/// content store for: if the address is taken, say so and go on.
+async fn serve_metrics(addr: SocketAddr, mesh: &Arc<Mesh>) {
+    let listener = match TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "cannot serve metrics");
+            return;
+        }
+    };
+    let mut registry = Registry::with_prefix("damselfly");
+    registry.register_collector(Box::new(MeshCollector::new(mesh.clone())));
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(listener, Arc::new(registry), std::future::pending()).await {
+            tracing::warn!(error = %e, "metrics server stopped");
+        }
+    });
 }
 
 /// Completes on the first SIGINT or SIGTERM.

@@ -1,6 +1,6 @@
 //! dfdaemon: the damselfly daemon of one node (argument parsing only).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,6 +34,9 @@ struct Args {
     /// Port of the piece server.
     #[arg(long)]
     upload_port: Option<u16>,
+    /// Address of the Prometheus endpoint (`/metrics`), served with the mesh.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -75,6 +78,11 @@ async fn main() -> anyhow::Result<()> {
             .or(file.content_socket)
             .unwrap_or_else(|| "/run/damselfly/content.sock".into()),
         mesh,
+        metrics_listen: Some(
+            args.metrics_listen
+                .or(file.metrics_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 65003))),
+        ),
     })
     .await
 }

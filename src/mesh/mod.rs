@@ -3,6 +3,7 @@
 //! blob (see [`session`]).
 
 pub mod downloader;
+pub mod metrics;
 pub mod piece;
 pub mod piece_server;
 pub mod session;

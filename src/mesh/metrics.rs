@@ -1,0 +1,122 @@
+//! dfdaemon's Prometheus metrics: read at scrape time from the counters the
+//! mesh keeps anyway (so the hot paths only bump atomics).
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use super::Mesh;
+
+/// Encodes the mesh's counters and gauges on each scrape.
+pub struct MeshCollector {
+    mesh: Arc<Mesh>,
+}
+
+impl MeshCollector {
+    pub fn new(mesh: Arc<Mesh>) -> Self {
+        Self { mesh }
+    }
+}
+
+impl fmt::Debug for MeshCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MeshCollector")
+    }
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// One counter with one label taking several values.
+fn labelled_counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, u64)],
+) -> fmt::Result {
+    let mut metric =
+        encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+    for (value, count) in values {
+        let labels = [(label, *value)];
+        ConstCounter::new(*count).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let counter = ConstCounter::new(value);
+    counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
+    let gauge = ConstGauge::new(value);
+    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
+
+impl Collector for MeshCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let stats = &self.mesh.stats;
+        let uploads = &self.mesh.piece_server.stats;
+        labelled_counter(
+            &mut encoder,
+            "dfdaemon_received_bytes",
+            "Blob bytes written into this node's store, by where they came from",
+            "source",
+            &[
+                ("registry", load(&stats.registry_bytes)),
+                ("peer", load(&stats.peer_bytes)),
+            ],
+        )?;
+        counter(
+            &mut encoder,
+            "dfdaemon_pieces_fetched",
+            "Pieces fetched from peers and verified",
+            load(&stats.pieces_fetched),
+        )?;
+        counter(
+            &mut encoder,
+            "dfdaemon_pieces_served",
+            "Pieces uploaded to peers",
+            load(&uploads.pieces),
+        )?;
+        counter(
+            &mut encoder,
+            "dfdaemon_served_bytes",
+            "Bytes uploaded to peers",
+            load(&uploads.bytes),
+        )?;
+        labelled_counter(
+            &mut encoder,
+            "dfdaemon_failures",
+            "Mesh failures by kind (each one falls back, never fails a pull)",
+            "kind",
+            &[
+                ("bad_piece", load(&stats.bad_pieces)),
+                ("piece_transfer", load(&stats.failed_pieces)),
+                ("stall", load(&stats.stalls)),
+                ("supernode", load(&stats.supernode_failures)),
+                ("upload_busy", load(&uploads.rejected_busy)),
+            ],
+        )?;
+        gauge(
+            &mut encoder,
+            "dfdaemon_active_tasks",
+            "Blobs this node is writing through the mesh",
+            self.mesh.tasks.len() as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "dfdaemon_upload_slots_in_use",
+            "Piece uploads running now",
+            self.mesh.piece_server.uploads_in_use() as i64,
+        )?;
+        Ok(())
+    }
+}
