@@ -32,6 +32,8 @@ const PEER_CONNECT: Duration = Duration::from_secs(2);
 const PEER_IDLE: Duration = Duration::from_secs(5);
 /// Pause before asking the supernode again when nothing could be scheduled.
 const RESCHEDULE: Duration = Duration::from_millis(150);
+/// How many stall timeouts a download waits for the first piece to exist.
+const FIRST_PIECE_PATIENCE: u32 = 4;
 /// Read buffer per transfer.
 const CHUNK: usize = 256 << 10;
 
@@ -83,11 +85,22 @@ pub async fn download(
         mesh.clone()
             .announcer(task.clone(), dirty.clone(), done.clone()),
     );
-    let end = run(mesh, task, ingest, &file, &dirty, supernode).await;
+    let mut transfers = JoinSet::new();
+    let end = run(mesh, task, ingest, &file, &dirty, supernode, &mut transfers).await;
+    // Transfers still in flight write into the ingest file: stop them, and
+    // wait until they have stopped, before it is cut back to the verified
+    // prefix, so that none writes there while containerd writes the rest.
+    transfers.shutdown().await;
     done.notify_one();
     block_in_place(|| ingest.end_out_of_order())?;
-    // Pieces past the verified prefix were cut off with it.
-    task.forget_from((ingest.offset() as u64 / task.piece_size) as u32);
+    // Pieces past the verified prefix were cut off with it. A complete blob
+    // keeps them all: its last piece may be short, so the offset divided by
+    // the piece size would drop it, and peers the supernode sends here for
+    // it would get 404 until containerd commits.
+    let offset = ingest.offset() as u64;
+    if offset < task.size {
+        task.forget_from((offset / task.piece_size) as u32);
+    }
     end
 }
 
@@ -98,12 +111,13 @@ async fn run(
     file: &Arc<File>,
     dirty: &Arc<Notify>,
     supernode: &str,
+    transfers: &mut JoinSet<(Transfer, Result<(), FetchError>)>,
 ) -> Result<DownloadEnd, StoreError> {
     let total = piece_count(task.size, task.piece_size);
     let parallelism = mesh.config.download_parallelism.max(1);
     let mut in_flight = HashSet::new();
-    let mut transfers = JoinSet::new();
     let mut last_progress = Instant::now();
+    let mut pieces_seen = false;
     let mut next_schedule = Instant::now();
     loop {
         let contiguous = (0..total).find(|&n| !task.has(n)).unwrap_or(total);
@@ -119,7 +133,15 @@ async fn run(
         if contiguous == total {
             return Ok(DownloadEnd::Complete);
         }
-        if last_progress.elapsed() > mesh.config.stall_timeout {
+        // Until some peer has a piece, the wait is for the ingester's first
+        // piece from the registry (slow to start under load): allow longer,
+        // but still bounded; after that, the stall timeout between pieces.
+        let patience = if pieces_seen {
+            mesh.config.stall_timeout
+        } else {
+            mesh.config.stall_timeout * FIRST_PIECE_PATIENCE
+        };
+        if last_progress.elapsed() > patience {
             mesh.stats.stalls.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(digest = %task.digest, verified, "mesh download stalled; falling back to the registry");
             return Ok(DownloadEnd::Stalled);
@@ -148,6 +170,10 @@ async fn run(
                     return Ok(DownloadEnd::TakeOver);
                 }
                 Ok(answer) => {
+                    if !pieces_seen && !answer.value.assignments.is_empty() {
+                        pieces_seen = true;
+                        last_progress = Instant::now();
+                    }
                     for assignment in answer.value.assignments {
                         if in_flight.len() >= parallelism {
                             break;
