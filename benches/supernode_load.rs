@@ -12,9 +12,10 @@
 //! process's peak RSS (VmHWM; the gRPC run includes the simulated clients).
 //! Last, it measures how many Heartbeats/s the service answers.
 //!
-//! `cargo bench --bench supernode_load`; `SUPERNODE_LOAD_HOSTS=N` changes the
-//! number of hosts. Simulated daemons do not heartbeat during the fetch: the
-//! heartbeat interval is set long enough that none expires.
+//! `cargo bench --bench supernode_load`; `SUPERNODE_LOAD_HOSTS=N` and
+//! `SUPERNODE_LOAD_WINDOW=N` change the number of hosts and the window.
+//! Simulated daemons do not heartbeat during the fetch: the heartbeat
+//! interval is set long enough that none expires.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +34,9 @@ use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 
 const BLOB_SIZE: u64 = 1 << 30;
-/// Pieces a daemon asks parents for at once (the first ones it misses).
+/// Pieces a daemon asks parents for at once (the first ones it misses); the
+/// default, 256, is all of them: the plugin path needs the whole blob before
+/// it answers containerd.
 const WINDOW: usize = 256;
 /// Requests in flight at once in the gRPC run.
 const IN_FLIGHT: usize = 64;
@@ -46,32 +49,30 @@ const HEARTBEAT_RUN: Duration = Duration::from_secs(3);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let hosts = match std::env::var("SUPERNODE_LOAD_HOSTS") {
-        Ok(n) => n.parse().context("SUPERNODE_LOAD_HOSTS")?,
-        Err(_) => 10_000,
-    };
+    let hosts = env_or("SUPERNODE_LOAD_HOSTS", 10_000)?;
     let config = SchedulerConfig {
         heartbeat_interval: Duration::from_secs(3600),
         ..Default::default()
     };
-    let blob = Arc::new(BlobSpec::new());
+    let blob = Arc::new(Workload::new(env_or("SUPERNODE_LOAD_WINDOW", WINDOW)?));
     println!(
         "supernode load: {hosts} hosts, one {} MiB blob of {} pieces of {} MiB, \
-         window {WINDOW}, upload cap {}",
+         window {}, upload cap {}",
         BLOB_SIZE >> 20,
         blob.pieces.len(),
         blob.piece_size >> 20,
+        blob.window,
         config.upload_cap
     );
+
+    let state = state_size(&config, &blob, hosts);
+    println!("scheduler state with {hosts} hosts holding the whole blob: {state}");
 
     reset_peak_rss();
     let local = Mesh::Local(Box::new(Mutex::new(Scheduler::new(config.clone()))));
     let stats = simulate(Arc::new(local), &blob, hosts, 1).await;
     stats.print("scheduler alone, in-process, 1 request at a time");
 
-    if std::env::var("DBG").is_ok() {
-        return Ok(());
-    }
     reset_peak_rss();
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
     let metrics = TcpListener::bind("127.0.0.1:0").await?;
@@ -95,16 +96,18 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The blob every simulated daemon fetches.
-struct BlobSpec {
+/// The blob every simulated daemon fetches, and how.
+struct Workload {
     digest: String,
     piece_size: u64,
     /// The digest of each piece.
     pieces: Vec<String>,
+    /// Pieces asked for per Schedule call.
+    window: usize,
 }
 
-impl BlobSpec {
-    fn new() -> Self {
+impl Workload {
+    fn new(window: usize) -> Self {
         let piece_size = piece_size(BLOB_SIZE);
         let count = piece_count(BLOB_SIZE, piece_size);
         Self {
@@ -113,6 +116,7 @@ impl BlobSpec {
             pieces: (0..count)
                 .map(|n| Digest::of(&n.to_le_bytes()).to_string())
                 .collect(),
+            window,
         }
     }
 
@@ -180,7 +184,7 @@ impl Daemon {
 
     /// Registers and joins; the first daemon becomes the ingester and
     /// announces the whole blob at once.
-    async fn start(&mut self, mesh: &Mesh, blob: &BlobSpec) {
+    async fn start(&mut self, mesh: &Mesh, blob: &Workload) {
         let register = RegisterRequest {
             host: Some(Host {
                 id: self.id.clone(),
@@ -212,7 +216,7 @@ impl Daemon {
     /// round (a transfer lasts one pass over all daemons, so uploads really
     /// are in flight meanwhile), then Schedule the next window. Returns the
     /// Schedule call's latency and assignment count, or None when complete.
-    async fn round(&mut self, mesh: &Mesh, blob: &BlobSpec) -> Option<(Duration, usize)> {
+    async fn round(&mut self, mesh: &Mesh, blob: &Workload) -> Option<(Duration, usize)> {
         if !self.in_flight.is_empty() {
             self.finish_transfers(mesh, blob).await;
         }
@@ -225,7 +229,7 @@ impl Daemon {
             digest: blob.digest.clone(),
             wanted: (0..self.have.len() as u32)
                 .filter(|&n| !self.have[n as usize])
-                .take(WINDOW)
+                .take(blob.window)
                 .collect(),
             contiguous: contiguous.min(BLOB_SIZE) as i64,
         };
@@ -237,7 +241,7 @@ impl Daemon {
     }
 
     /// Reports the transfers in flight as OK and announces their pieces.
-    async fn finish_transfers(&mut self, mesh: &Mesh, blob: &BlobSpec) {
+    async fn finish_transfers(&mut self, mesh: &Mesh, blob: &Workload) {
         let done = std::mem::take(&mut self.in_flight);
         let report = ReportRequest {
             host_id: self.id.clone(),
@@ -309,8 +313,10 @@ impl Stats {
             self.assignments,
             self.assignments as f64 / seconds
         );
+        let total: Duration = self.latencies.iter().sum();
         println!(
-            "  Schedule latency: p50 {:?}, p99 {:?}, max {:?}",
+            "  Schedule latency: mean {:?}, p50 {:?}, p99 {:?}, max {:?}",
+            total / self.latencies.len() as u32,
             quantile(0.50),
             quantile(0.99),
             quantile(1.0)
@@ -321,7 +327,7 @@ impl Stats {
 
 /// Registers `hosts` daemons and runs rounds, `workers` requests in flight,
 /// until every daemon is complete or [`TIME_LIMIT`].
-async fn simulate(mesh: Arc<Mesh>, blob: &Arc<BlobSpec>, hosts: usize, workers: usize) -> Stats {
+async fn simulate(mesh: Arc<Mesh>, blob: &Arc<Workload>, hosts: usize, workers: usize) -> Stats {
     let pieces = blob.pieces.len();
     let mut seed = Daemon::new(0, pieces);
     let started = Instant::now();
@@ -366,7 +372,7 @@ async fn simulate(mesh: Arc<Mesh>, blob: &Arc<BlobSpec>, hosts: usize, workers: 
 /// or `deadline`.
 async fn fetch(
     mesh: Arc<Mesh>,
-    blob: Arc<BlobSpec>,
+    blob: Arc<Workload>,
     daemons: Vec<Daemon>,
     deadline: Instant,
 ) -> Stats {
@@ -381,13 +387,6 @@ async fn fetch(
             }
         }
         let before = pending.len();
-        if std::env::var("DBG").is_ok() {
-            eprintln!(
-                "pass: pending {} assignments so far {}",
-                pending.len(),
-                stats.assignments
-            );
-        }
         pending.retain(|d| d.missing > 0);
         stats.complete += before - pending.len();
     }
@@ -463,6 +462,14 @@ async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     Ok(counters.join(", "))
 }
 
+/// The number in environment variable `name`, or `default`.
+fn env_or(name: &str, default: usize) -> anyhow::Result<usize> {
+    match std::env::var(name) {
+        Ok(value) => value.parse().with_context(|| format!("{name}={value:?}")),
+        Err(_) => Ok(default),
+    }
+}
+
 /// Resets the process's VmHWM to its current RSS, so that each run reports
 /// its own peak.
 fn reset_peak_rss() {
@@ -472,12 +479,37 @@ fn reset_peak_rss() {
 }
 
 fn peak_rss() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(format!("{} MiB", kib / 1024))
-        })
-        .unwrap_or_else(|| "unknown".into())
+    status_kib("VmHWM:").map_or_else(|| "unknown".into(), |kib| format!("{} MiB", kib / 1024))
+}
+
+/// How much the RSS grows when a scheduler learns that `hosts` hosts hold the
+/// whole blob: its largest state for this workload.
+fn state_size(config: &SchedulerConfig, blob: &Workload, hosts: usize) -> String {
+    let before = status_kib("VmRSS:");
+    let mut scheduler = Scheduler::new(config.clone());
+    let all = 0..blob.pieces.len() as u32;
+    for index in 0..hosts {
+        let register = RegisterRequest {
+            host: Some(Host {
+                id: format!("node-{index:05}"),
+                ip: "10.0.0.1".into(),
+                upload_port: 65002,
+            }),
+            blobs: vec![blob.held(all.clone(), true)],
+        };
+        scheduler.register(&register, Instant::now()).unwrap();
+    }
+    let after = status_kib("VmRSS:");
+    drop(scheduler);
+    match (before, after) {
+        (Some(before), Some(after)) => format!("+{} MiB RSS", after.saturating_sub(before) / 1024),
+        _ => "unknown".into(),
+    }
+}
+
+/// A `kB` field of /proc/self/status.
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

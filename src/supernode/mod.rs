@@ -24,7 +24,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::mesh::api::supernode_server::SupernodeServer;
 use metrics::SupernodeMetrics;
-use scheduler::{Scheduler, SchedulerConfig};
+use scheduler::SchedulerConfig;
 use service::SupernodeService;
 
 /// What the supernode needs to run.
@@ -71,10 +71,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let grpc_addr = grpc.local_addr().context("gRPC listener address")?;
     let mut registry = Registry::default();
-    let service = SupernodeService::new(
-        Scheduler::new(config.clone()),
-        SupernodeMetrics::register(&mut registry),
-    );
+    let service = SupernodeService::new(config.clone(), SupernodeMetrics::register(&mut registry));
     let expiry = tokio::spawn(
         service
             .clone()

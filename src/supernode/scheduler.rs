@@ -14,6 +14,12 @@
 //! found is busy), resumed round-robin from where the previous pick of that
 //! piece stopped: O(wanted × hosts/64) word operations at worst, never a walk
 //! over hosts × pieces.
+//!
+//! Policy beyond the plain rules: rarity counts the transfers of a piece in
+//! flight (so that callers in a row do not all get the same rare piece), and
+//! while some downloaders of a task wait with nothing, each call gets only
+//! [`MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT`] assignments. Any request from a host
+//! counts as a sign of life, like a heartbeat.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -34,6 +40,12 @@ pub const MISSED_HEARTBEATS: u32 = 3;
 pub const ASSIGNMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most assignments one Schedule call hands out.
 pub const MAX_ASSIGNMENTS: usize = 32;
+/// Most assignments one Schedule call hands out while other downloaders of
+/// the task wait (their last call got nothing: every holder of their wanted
+/// pieces was busy). Scarce upload slots then go to many downloaders, each of
+/// which soon serves others, rather than to the few that happen to ask first:
+/// in the load benchmark this turns a linear ramp-up into a doubling one.
+pub const MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT: usize = 4;
 /// Failed transfers from one parent after which a downloader stops getting it.
 pub const FAILURES_TO_DROP: u32 = 2;
 
@@ -259,9 +271,10 @@ impl Scheduler {
     }
 
     /// Schedule: a parent for each wanted piece that has an eligible one,
-    /// rarest pieces first, at most [`MAX_ASSIGNMENTS`]; or, when the task has
-    /// lost its ingester and a wanted piece exists nowhere, `take_over` for the
-    /// one downloader that holds the most contiguous bytes.
+    /// rarest pieces first, at most [`MAX_ASSIGNMENTS`] (or
+    /// [`MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT`]); or, when the task has lost its
+    /// ingester and a wanted piece exists nowhere, `take_over` for the one
+    /// downloader that holds the most contiguous bytes.
     pub fn schedule(
         &mut self,
         request: &ScheduleRequest,
@@ -308,7 +321,19 @@ impl Scheduler {
             });
             response.take_over = true;
         } else {
-            response.assignments = assign(hosts, task, slot, wanted, now);
+            let limit = if task.others_wait(slot) {
+                MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT
+            } else {
+                MAX_ASSIGNMENTS
+            };
+            let servable = wanted
+                .iter()
+                .any(|&n| task.pieces[n as usize].holder_count > 0);
+            response.assignments = assign(hosts, task, slot, wanted, limit, now);
+            // A downloader starved by busy parents, not by pieces nobody has.
+            let downloading = task.ingester != Some(slot);
+            let starved = response.assignments.is_empty();
+            task.set_waiting(slot, downloading && servable && starved);
         }
         Ok(response)
     }
@@ -348,7 +373,10 @@ impl Scheduler {
             let Some(parent) = self.hosts.slot_of(parent_id) else {
                 continue; // Expired: its uploads went with it.
             };
-            self.hosts.finish_upload(parent, task_id, reporter, number);
+            if self.hosts.finish_upload(parent, task_id, reporter, number) {
+                let task = self.tasks.get_mut(&task_id).expect("live task");
+                task.pieces[number as usize].transfer_ended();
+            }
             match outcome {
                 Outcome::BadDigest if self.tasks[&task_id].holds(parent, number) => {
                     let why = format!(
@@ -401,7 +429,8 @@ impl Scheduler {
         for slot in self.hosts.silent(now, silence) {
             self.remove_host(slot);
         }
-        self.hosts.sweep_uploads(now);
+        let ended = self.hosts.sweep_uploads(now);
+        self.uploads_ended(ended);
     }
 
     /// The slot of registered host `id`, marked alive at `now`: any request
@@ -559,10 +588,11 @@ impl Scheduler {
 
     /// Drops an expired host and everything it held or did.
     fn remove_host(&mut self, slot: u32) {
-        let host = self.hosts.remove(slot);
+        let mut host = self.hosts.remove(slot);
         self.events.push(Event::HostExpired {
             host: host.id.clone(),
         });
+        self.uploads_ended(std::mem::take(&mut host.uploads));
         for task_id in host.tasks {
             let task = self.tasks.get_mut(&task_id).expect("member of a live task");
             if task.ingester == Some(slot) {
@@ -579,34 +609,38 @@ impl Scheduler {
             }
         }
     }
+
+    /// Uploads that will not be reported any more: their pieces are no
+    /// longer on their way.
+    fn uploads_ended(&mut self, uploads: impl IntoIterator<Item = Upload>) {
+        for upload in uploads {
+            if let Some(task) = self.tasks.get_mut(&upload.task) {
+                task.pieces[upload.piece as usize].transfer_ended();
+            }
+        }
+    }
 }
 
-/// Picks parents for the caller's wanted pieces, rarest first, and counts
-/// each assignment as an upload in flight for its parent. While other
-/// downloaders compete, one call gets at most a quarter of a parent's upload
-/// slots: a scarce parent (the ingester, early on) then feeds several
-/// downloaders at once, each of which soon serves others, instead of the
-/// first caller taking all its slots again and again.
+/// Picks parents for at most `limit` of the caller's wanted pieces, rarest
+/// first, and counts each assignment as an upload in flight for its parent.
 fn assign(
     hosts: &mut Hosts,
     task: &mut Task,
     caller: u32,
     mut wanted: Vec<u32>,
+    limit: usize,
     now: Instant,
 ) -> Vec<Assignment> {
     wanted.retain(|&n| task.pieces[n as usize].holder_count > 0);
-    wanted.sort_unstable_by_key(|&n| (task.pieces[n as usize].holder_count, n));
+    wanted.sort_unstable_by_key(|&n| (task.pieces[n as usize].rarity(), n));
     let downloader = hosts.reference(caller);
     let mut eligible = hosts.eligible_parents(caller, &task.members[&caller].bad_parents);
-    let share = if task.downloaders.len() > 1 {
-        hosts.upload_cap().div_ceil(4)
-    } else {
-        hosts.upload_cap()
-    };
-    let mut chosen = Vec::new();
     let mut assignments = Vec::new();
+    if eligible.is_empty() {
+        return assignments;
+    }
     for number in wanted {
-        if assignments.len() == MAX_ASSIGNMENTS {
+        if assignments.len() == limit {
             break;
         }
         let piece = &mut task.pieces[number as usize];
@@ -617,6 +651,7 @@ fn assign(
             continue;
         };
         piece.cursor = parent + 1;
+        piece.in_flight += 1;
         hosts.update_load(parent, |host| {
             host.uploads.push(Upload {
                 task: task.id,
@@ -625,20 +660,21 @@ fn assign(
                 deadline: now + ASSIGNMENT_TIMEOUT,
             })
         });
-        chosen.push(parent);
-        let given = chosen.iter().filter(|&&p| p == parent).count();
-        if given == share || hosts.at_cap(parent) {
-            eligible.remove(parent);
-        }
-        let parent = hosts.get(parent);
+        let parent_host = hosts.get(parent);
         assignments.push(Assignment {
             number,
             piece_digest: digest.to_string(),
             parent: Some(Parent {
-                host_id: parent.id.clone(),
-                addr: parent.addr.clone(),
+                host_id: parent_host.id.clone(),
+                addr: parent_host.addr.clone(),
             }),
         });
+        if hosts.at_cap(parent) {
+            eligible.remove(parent);
+            if eligible.is_empty() {
+                break;
+            }
+        }
     }
     assignments
 }
@@ -776,25 +812,31 @@ impl Hosts {
         relevel(&mut self.by_load, slot, before, after);
     }
 
-    /// Frees the upload slot of an assignment, if it is still in flight.
-    fn finish_upload(&mut self, parent: u32, task: TaskId, downloader: HostRef, piece: u32) {
+    /// Frees the upload slot of an assignment; false if it was not in flight
+    /// (any more).
+    fn finish_upload(
+        &mut self,
+        parent: u32,
+        task: TaskId,
+        downloader: HostRef,
+        piece: u32,
+    ) -> bool {
+        let mut found = false;
         self.update_load(parent, |host| {
-            let found = host
+            let index = host
                 .uploads
                 .iter()
                 .position(|u| u.task == task && u.downloader == downloader && u.piece == piece);
-            if let Some(index) = found {
+            if let Some(index) = index {
                 host.uploads.swap_remove(index);
+                found = true;
             }
         });
-    }
-
-    fn upload_cap(&self) -> usize {
-        self.by_load.len()
+        found
     }
 
     fn at_cap(&self, slot: u32) -> bool {
-        self.get(slot).load() as usize >= self.upload_cap()
+        self.get(slot).load() as usize >= self.by_load.len()
     }
 
     /// The hosts `caller` may get as parents: below the upload cap, neither
@@ -834,8 +876,9 @@ impl Hosts {
             .collect()
     }
 
-    /// Frees the uploads past their deadline or whose downloader is gone.
-    fn sweep_uploads(&mut self, now: Instant) {
+    /// Frees the uploads past their deadline or whose downloader is gone,
+    /// and returns them.
+    fn sweep_uploads(&mut self, now: Instant) -> Vec<Upload> {
         let Self {
             slots,
             generations,
@@ -843,13 +886,17 @@ impl Hosts {
             ..
         } = self;
         let live = |host: HostRef| generations[host.slot as usize] == host.generation;
+        let mut ended = Vec::new();
         for (slot, host) in slots.iter_mut().enumerate() {
             let Some(host) = host else { continue };
             let before = host.load();
-            host.uploads
-                .retain(|upload| upload.deadline > now && live(upload.downloader));
+            ended.extend(
+                host.uploads
+                    .extract_if(.., |u| u.deadline <= now || !live(u.downloader)),
+            );
             relevel(by_load, slot as u32, before, host.load());
         }
+        ended
     }
 }
 
@@ -882,6 +929,9 @@ struct Task {
     /// Downloaders (not banned) by the contiguous bytes they last reported:
     /// the last one is who takes over.
     downloaders: BTreeSet<(u64, u32)>,
+    /// Downloaders whose last Schedule call got nothing although some
+    /// wanted piece had holders: all of them were busy.
+    waiting: u32,
 }
 
 /// One piece of a task.
@@ -891,8 +941,23 @@ struct PieceState {
     digest: Option<Digest>,
     holders: Bits,
     holder_count: u32,
+    /// Transfers of it assigned and not reported or timed out yet.
+    in_flight: u32,
     /// Where the next search for a parent starts (round-robin).
     cursor: u32,
+}
+
+impl PieceState {
+    /// How common the piece is: its holders, plus the hosts it is on its way
+    /// to (so that callers in a row do not all get the same rare piece).
+    fn rarity(&self) -> u32 {
+        self.holder_count + self.in_flight
+    }
+
+    fn transfer_ended(&mut self) {
+        debug_assert!(self.in_flight > 0, "more transfers ended than started");
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
 }
 
 /// One host's part in a task.
@@ -904,6 +969,9 @@ struct Member {
     downloading: Option<u64>,
     /// Served or announced a corrupt piece: dropped as a source.
     banned: bool,
+    /// Downloads, and its last Schedule call got nothing although some
+    /// wanted piece had holders.
+    waiting: bool,
     /// Parents it does not get any more (failed too often).
     bad_parents: Vec<HostRef>,
     /// Failed transfers from each parent.
@@ -931,6 +999,7 @@ impl Task {
             ingester: None,
             complete_holders: 0,
             downloaders: BTreeSet::new(),
+            waiting: 0,
         }
     }
 
@@ -1037,10 +1106,29 @@ impl Task {
     }
 
     fn stop_downloading(&mut self, slot: u32) {
-        if let Some(member) = self.members.get_mut(&slot)
-            && let Some(old) = member.downloading.take()
-        {
+        let Some(member) = self.members.get_mut(&slot) else {
+            return;
+        };
+        if let Some(old) = member.downloading.take() {
             self.downloaders.remove(&(old, slot));
+        }
+        self.set_waiting(slot, false);
+    }
+
+    /// Whether downloaders other than `slot` wait with nothing.
+    fn others_wait(&self, slot: u32) -> bool {
+        self.waiting > u32::from(self.members[&slot].waiting)
+    }
+
+    /// Records whether the member waits (see [`Task::waiting`]).
+    fn set_waiting(&mut self, slot: u32, waiting: bool) {
+        let member = self.members.get_mut(&slot).expect("member");
+        if std::mem::replace(&mut member.waiting, waiting) != waiting {
+            if waiting {
+                self.waiting += 1;
+            } else {
+                self.waiting -= 1;
+            }
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
 use super::metrics::SupernodeMetrics;
-use super::scheduler::{Event, Scheduler, SchedulerError};
+use super::scheduler::{Event, Scheduler, SchedulerConfig, SchedulerError};
 use crate::mesh::api::supernode_server::Supernode;
 use crate::mesh::api::{
     AnnounceRequest, AnnounceResponse, HeartbeatRequest, HeartbeatResponse, JoinRequest,
@@ -22,16 +22,18 @@ pub struct SupernodeService {
 }
 
 struct Shared {
+    config: SchedulerConfig,
     scheduler: Mutex<Scheduler>,
     metrics: SupernodeMetrics,
 }
 
 impl SupernodeService {
-    /// A service answering from `scheduler`, counting into `metrics`.
-    pub fn new(scheduler: Scheduler, metrics: SupernodeMetrics) -> Self {
+    /// A service with an empty scheduler, counting into `metrics`.
+    pub fn new(config: SchedulerConfig, metrics: SupernodeMetrics) -> Self {
         Self {
             shared: Arc::new(Shared {
-                scheduler: Mutex::new(scheduler),
+                scheduler: Mutex::new(Scheduler::new(config.clone())),
+                config,
                 metrics,
             }),
         }
@@ -72,12 +74,16 @@ impl SupernodeService {
     }
 
     fn lock(&self) -> MutexGuard<'_, Scheduler> {
-        // A panic while holding the lock is a bug that may have left the state
-        // half-updated: better to stop answering than to schedule from it.
-        self.shared
-            .scheduler
-            .lock()
-            .expect("scheduler lock poisoned by an earlier panic")
+        let shared = &self.shared;
+        shared.scheduler.lock().unwrap_or_else(|poisoned| {
+            // A panic mid-update may have left the state inconsistent. It is
+            // soft: start over, and daemons register again when told to.
+            tracing::error!("the scheduler panicked: its state is reset");
+            let mut scheduler = poisoned.into_inner();
+            *scheduler = Scheduler::new(shared.config.clone());
+            shared.scheduler.clear_poison();
+            scheduler
+        })
     }
 }
 
@@ -193,14 +199,10 @@ fn log(event: &Event) {
 mod tests {
     use super::*;
     use crate::mesh::api::Host;
-    use crate::supernode::scheduler::SchedulerConfig;
     use tonic::Code;
 
     fn service() -> SupernodeService {
-        SupernodeService::new(
-            Scheduler::new(SchedulerConfig::default()),
-            SupernodeMetrics::default(),
-        )
+        SupernodeService::new(SchedulerConfig::default(), SupernodeMetrics::default())
     }
 
     fn join(host_id: &str, digest: &str) -> Request<JoinRequest> {

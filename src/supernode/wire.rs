@@ -1,9 +1,9 @@
 //! Validation of the mesh API's messages: every field the scheduler uses
 //! passes through here first and comes out as a checked Rust value.
 
-use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
+use super::bits::Bits;
 use super::scheduler::SchedulerError;
 use crate::mesh::api;
 use crate::mesh::piece::{piece_count, piece_size};
@@ -76,7 +76,7 @@ pub(crate) fn size(value: i64, what: &str) -> Result<u64, SchedulerError> {
 
 /// Piece numbers below `count`, repeats dropped, order kept.
 pub(crate) fn piece_numbers(numbers: &[u32], count: u32) -> Result<Vec<u32>, SchedulerError> {
-    let mut seen = HashSet::with_capacity(numbers.len());
+    let mut seen = Bits::default();
     let mut unique = Vec::with_capacity(numbers.len());
     for &number in numbers {
         check_piece(number, count)?;
@@ -111,7 +111,7 @@ pub(crate) fn blob(blob: Option<&api::HeldBlob>) -> Result<Blob, SchedulerError>
         )));
     }
     let count = piece_count(size, blob.piece_size);
-    let mut seen = HashSet::with_capacity(blob.pieces.len());
+    let mut seen = Bits::default();
     let mut pieces = Vec::with_capacity(blob.pieces.len());
     for piece in &blob.pieces {
         check_piece(piece.number, count).map_err(|e| invalid(format!("{digest}: {e}")))?;
