@@ -18,7 +18,7 @@ use tokio::task::{JoinHandle, block_in_place};
 use super::Mesh;
 use super::api::{JoinRequest, Role};
 use super::downloader::{DownloadEnd, download};
-use super::piece::{piece_range, piece_size};
+use super::piece::{piece_count, piece_range, piece_size};
 use super::tasks::LocalTask;
 use crate::store::{Digest, Ingest, StoreError, digest_in_ref};
 
@@ -188,12 +188,18 @@ async fn join(mesh: &Arc<Mesh>, digest: &Digest, size: i64) -> Option<(Role, Str
 /// Marks the pieces an ingest already holds whole (it was resumed) as
 /// verified, with their digests computed from the data.
 fn seed_verified_prefix(task: &LocalTask, ingest: &mut Ingest) -> Result<(), StoreError> {
-    let whole = ingest.offset() as u64 / task.piece_size;
+    let offset = ingest.offset() as u64;
+    // A complete ingest holds its last piece too, even if it is short.
+    let whole = if offset >= task.size {
+        piece_count(task.size, task.piece_size)
+    } else {
+        (offset / task.piece_size) as u32
+    };
     if whole == 0 {
         return Ok(());
     }
     let file = ingest.data_file()?;
-    for number in 0..whole as u32 {
+    for number in 0..whole {
         let (start, end) = piece_range(number, task.size, task.piece_size);
         task.verified(number, hash_range(&file, start, end)?);
     }
