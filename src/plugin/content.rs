@@ -253,6 +253,11 @@ async fn write_session(
     // of the negotiation, then of each WRITE response. When the mesh adds
     // bytes behind its back, its next WRITE or COMMIT still names the old
     // offset; that means "at the current offset", not "start over at 0".
+    // The client counts the bytes a WRITE took as the response's offset
+    // minus the offset it sent, and containerd's content service fails the
+    // pull unless that equals the data's length; so a WRITE answered in that
+    // case reports the offset in the client's own frame. COMMIT answers the
+    // true size, which is what the client checks there.
     let mut client_offset = ingest.offset();
     loop {
         let action = WriteAction::try_from(request.action).map_err(|_| {
@@ -281,16 +286,14 @@ async fn write_session(
             }
             WriteAction::Write | WriteAction::Commit => {
                 let before = ingest.offset();
-                let offset = if request.offset == client_offset && client_offset != before {
-                    APPEND
-                } else {
-                    request.offset
-                };
+                let stale = request.offset == client_offset && client_offset != before;
+                let offset = if stale { APPEND } else { request.offset };
+                let client_end = request.offset + request.data.len() as i64;
                 block_in_place(|| ingest.write(offset, &request.data))?;
                 if let Some(mesh) = mesh.as_mut() {
                     mesh.wrote(before, ingest.offset(), &request.data);
                 }
-                let response = block_in_place(|| {
+                let mut response = block_in_place(|| {
                     finish_write(
                         &mut ingest,
                         action,
@@ -299,6 +302,9 @@ async fn write_session(
                         expected.as_ref(),
                     )
                 })?;
+                if stale && action == WriteAction::Write {
+                    response.offset = client_end;
+                }
                 if action == WriteAction::Commit
                     && let Some(mesh) = &mesh
                 {
