@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
@@ -46,6 +46,10 @@ struct Node {
     addr: String,
     client: ApiClient<Channel>,
     registered: AtomicBool,
+    /// Its last heartbeat, or a call, found it unreachable: calls skip it
+    /// (at once, instead of waiting for a timeout) until a heartbeat gets
+    /// through again.
+    down: AtomicBool,
 }
 
 /// The supernodes this daemon uses.
@@ -53,6 +57,9 @@ pub struct Supernodes {
     host: Host,
     nodes: Vec<Node>,
     heartbeat_ms: AtomicU32,
+    /// Bumped when this node stops holding something it registered: each
+    /// supernode's heartbeat loop registers again when it sees a new value.
+    holdings_version: AtomicU64,
 }
 
 /// What a supernode answered, with which supernode answered it.
@@ -74,13 +81,21 @@ impl Supernodes {
                 addr: addr.clone(),
                 client: ApiClient::new(endpoint.connect_lazy()),
                 registered: AtomicBool::new(false),
+                down: AtomicBool::new(false),
             });
         }
         Ok(Arc::new(Self {
             host,
             nodes,
             heartbeat_ms: AtomicU32::new(DEFAULT_HEARTBEAT.as_millis() as u32),
+            holdings_version: AtomicU64::new(0),
         }))
+    }
+
+    /// Asks for a registration with every supernode at its next heartbeat
+    /// (Register replaces what a supernode thinks this host holds).
+    pub fn holdings_changed(&self) {
+        self.holdings_version.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn host(&self) -> &Host {
@@ -121,9 +136,16 @@ impl Supernodes {
     {
         let mut last = String::from("no supernode configured");
         for node in self.order(digest) {
+            if node.down.load(Ordering::Relaxed) {
+                last = format!("{}: unreachable at the last heartbeat", node.addr);
+                continue;
+            }
             if !node.registered.load(Ordering::Relaxed)
                 && let Err(e) = self.register(node, held()).await
             {
+                if unreachable(&e) {
+                    node.down.store(true, Ordering::Relaxed);
+                }
                 last = format!("{}: {e}", node.addr);
                 continue;
             }
@@ -156,6 +178,9 @@ impl Supernodes {
                 }
                 Err(status) => {
                     tracing::warn!(supernode = %node.addr, what, error = %status, "supernode call failed, trying the next");
+                    if unreachable(&status) {
+                        node.down.store(true, Ordering::Relaxed);
+                    }
                     last = format!("{}: {status}", node.addr);
                 }
             }
@@ -183,40 +208,73 @@ impl Supernodes {
         Ok(())
     }
 
-    /// Sends heartbeats to every supernode forever, registering again with
-    /// any that lost this host. `held` tells what to re-announce, `uploads`
-    /// the uploads in progress.
+    /// Sends heartbeats to every supernode forever, each on its own clock
+    /// (a supernode that times out does not delay the others' heartbeats).
+    /// `held` tells what to register, `uploads` the uploads in progress.
     pub async fn heartbeats(
         self: Arc<Self>,
         held: Arc<dyn Fn() -> Vec<HeldBlob> + Send + Sync>,
         uploads: Arc<dyn Fn() -> u32 + Send + Sync>,
     ) {
+        let loops = self
+            .nodes
+            .iter()
+            .map(|node| self.keep_alive(node, held.as_ref(), uploads.as_ref()));
+        futures::future::join_all(loops).await;
+    }
+
+    /// One supernode's heartbeats: marks it down or back, and registers
+    /// again when it lost this host or this host's holdings changed.
+    async fn keep_alive(
+        &self,
+        node: &Node,
+        held: &(dyn Fn() -> Vec<HeldBlob> + Send + Sync),
+        uploads: &(dyn Fn() -> u32 + Send + Sync),
+    ) {
+        let mut registered_version = None;
         loop {
-            for node in &self.nodes {
-                let beat = node
-                    .client
-                    .clone()
-                    .heartbeat(HeartbeatRequest {
-                        host_id: self.host.id.clone(),
-                        uploads_in_use: uploads(),
-                    })
-                    .await;
-                let known = match beat {
-                    Ok(response) => !response.into_inner().reregister,
-                    Err(status) => {
-                        if node.registered.swap(false, Ordering::Relaxed) {
-                            tracing::warn!(supernode = %node.addr, error = %status, "lost supernode");
-                        }
-                        false
+            let version = self.holdings_version.load(Ordering::Relaxed);
+            let beat = node
+                .client
+                .clone()
+                .heartbeat(HeartbeatRequest {
+                    host_id: self.host.id.clone(),
+                    uploads_in_use: uploads(),
+                })
+                .await;
+            match beat {
+                Ok(response) => {
+                    if node.down.swap(false, Ordering::Relaxed) {
+                        tracing::info!(supernode = %node.addr, "supernode reachable again");
                     }
-                };
-                if !known {
+                    if response.into_inner().reregister {
+                        node.registered.store(false, Ordering::Relaxed);
+                    }
+                    let stale = registered_version != Some(version);
+                    if (!node.registered.load(Ordering::Relaxed) || stale)
+                        && self.register(node, held()).await.is_ok()
+                    {
+                        registered_version = Some(version);
+                    }
+                }
+                Err(status) => {
                     node.registered.store(false, Ordering::Relaxed);
-                    let _ = self.register(node, held()).await;
+                    if !node.down.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(supernode = %node.addr, error = %status, "lost supernode");
+                    }
                 }
             }
             let interval = self.heartbeat_ms.load(Ordering::Relaxed).max(100);
             tokio::time::sleep(Duration::from_millis(u64::from(interval))).await;
         }
     }
+}
+
+/// Whether a failed call says the supernode could not be reached at all
+/// (as opposed to an answer that refuses the request).
+fn unreachable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+    )
 }
