@@ -18,9 +18,11 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tokio::task::block_in_place;
 
-use crate::store::{Digest, Store};
+use crate::store::{Digest, PieceRecord, Store};
 use api::{HeldBlob, Host, Piece};
+use piece::piece_count;
 use piece_server::PieceServer;
 use supernode_client::{Answer, SupernodeError, Supernodes};
 use tasks::{LocalTask, LocalTasks};
@@ -62,6 +64,7 @@ pub struct MeshStats {
 /// The mesh as one node sees it.
 pub struct Mesh {
     pub config: MeshConfig,
+    store: Arc<Store>,
     pub supernodes: Arc<Supernodes>,
     pub tasks: Arc<LocalTasks>,
     pub piece_server: Arc<PieceServer>,
@@ -78,7 +81,7 @@ impl Mesh {
         };
         let supernodes = Supernodes::new(host, &config.supernodes)?;
         let tasks = Arc::new(LocalTasks::default());
-        let piece_server = PieceServer::new(store, tasks.clone(), config.upload_slots);
+        let piece_server = PieceServer::new(store.clone(), tasks.clone(), config.upload_slots);
         let listen = SocketAddr::new(config.advertise_ip, config.upload_port);
         let listener = TcpListener::bind(listen)
             .await
@@ -87,6 +90,7 @@ impl Mesh {
         tokio::spawn(piece_server.clone().serve(listener));
         let mesh = Arc::new(Self {
             config,
+            store,
             supernodes: supernodes.clone(),
             tasks,
             piece_server,
@@ -104,13 +108,47 @@ impl Mesh {
         Ok(mesh)
     }
 
-    /// What this node holds of blobs in flight, for (re-)registration.
+    /// What this node holds, for (re-)registration: the verified pieces of
+    /// blobs in flight, and every committed blob whose piece digests are
+    /// recorded (so a restarted daemon, or a restarted supernode, offers
+    /// them again).
     pub fn held(&self) -> Vec<HeldBlob> {
-        self.tasks
-            .all()
-            .iter()
-            .map(|t| held_blob(t, false))
-            .collect()
+        let in_flight = self.tasks.all();
+        let mut held: Vec<HeldBlob> = in_flight.iter().map(|t| held_blob(t, false)).collect();
+        match block_in_place(|| self.store.piece_records()) {
+            Ok(records) => held.extend(
+                records
+                    .into_iter()
+                    .filter(|(digest, _)| in_flight.iter().all(|t| t.digest != *digest))
+                    .map(|(digest, record)| committed_blob(&digest, record)),
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot list the blobs to offer"),
+        }
+        held
+    }
+
+    /// `task`'s blob was committed: remembers its piece digests (when all
+    /// are known) for later registrations, then tells the supernode this
+    /// node holds all of it.
+    pub async fn committed(&self, task: &LocalTask) {
+        let digests: Vec<Digest> = task.held().into_iter().map(|(_, d)| d).collect();
+        if digests.len() == piece_count(task.size, task.piece_size) as usize {
+            let record = PieceRecord {
+                size: task.size,
+                piece_size: task.piece_size,
+                digests,
+            };
+            if let Err(e) = block_in_place(|| self.store.record_pieces(&task.digest, &record)) {
+                tracing::warn!(digest = %task.digest, error = %e, "cannot record piece digests");
+            }
+        }
+        self.announce(task, true).await;
+    }
+
+    /// A committed blob was deleted: the supernodes learn it at the next
+    /// heartbeat, when this node registers again with what it still holds.
+    pub fn deleted(&self) {
+        self.supernodes.holdings_changed();
     }
 
     /// Calls the supernode that owns `digest`'s task.
@@ -172,6 +210,24 @@ impl Mesh {
                 () = done.notified() => return,
             }
         }
+    }
+}
+
+fn committed_blob(digest: &Digest, record: PieceRecord) -> HeldBlob {
+    HeldBlob {
+        digest: digest.to_string(),
+        size: record.size as i64,
+        piece_size: record.piece_size,
+        pieces: record
+            .digests
+            .into_iter()
+            .zip(0..)
+            .map(|(digest, number)| Piece {
+                number,
+                digest: digest.to_string(),
+            })
+            .collect(),
+        complete: true,
     }
 }
 

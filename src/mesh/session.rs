@@ -139,7 +139,7 @@ impl BlobSession {
     pub fn committed(&self) {
         if let Some(task) = self.task.clone() {
             let mesh = self.mesh.clone();
-            tokio::spawn(async move { mesh.announce(&task, true).await });
+            tokio::spawn(async move { mesh.committed(&task).await });
         }
     }
 }

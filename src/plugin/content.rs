@@ -108,6 +108,9 @@ impl Content for ContentService {
         let digest = parse_digest(&request.get_ref().digest)?;
         block_in_place(|| self.store.delete(&digest))?;
         tracing::debug!(%digest, "deleted");
+        if let Some(mesh) = &self.mesh {
+            mesh.deleted();
+        }
         Ok(Response::new(()))
     }
 

@@ -28,9 +28,21 @@ impl Digest {
 
     /// Finishes a running sha256 into a digest.
     pub fn from_hasher(hasher: Sha256) -> Self {
+        Self::from_sha256(hasher.finalize().into())
+    }
+
+    /// The digest whose raw sha256 is `raw`.
+    pub fn from_sha256(raw: [u8; 32]) -> Self {
         Self {
-            text: format!("{PREFIX}{}", hex::encode(hasher.finalize())),
+            text: format!("{PREFIX}{}", hex::encode(raw)),
         }
+    }
+
+    /// The raw sha256.
+    pub fn sha256(&self) -> [u8; 32] {
+        let mut raw = [0; 32];
+        hex::decode_to_slice(self.hex(), &mut raw).expect("validated hex");
+        raw
     }
 
     /// The 64 hex characters, without the algorithm.
@@ -90,6 +102,12 @@ mod tests {
             d.hex(),
             "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
+    }
+
+    #[test]
+    fn converts_to_and_from_raw_sha256() {
+        let d = Digest::of(b"hello");
+        assert_eq!(Digest::from_sha256(d.sha256()), d);
     }
 
     #[test]

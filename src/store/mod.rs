@@ -4,7 +4,8 @@
 //! - `blobs/sha256/<hex>`: committed blobs, read-only, renamed into place only
 //!   after their digest was verified and their bytes fsynced;
 //! - `ingest/<sha256 of ref>/data`: writes in progress, resumable after a crash;
-//! - `metadata.redb`: labels and timestamps of blobs, parameters of ingests.
+//! - `metadata.redb`: labels and timestamps of blobs, their piece digests
+//!   (what the mesh offers), parameters of ingests.
 //!
 //! No path is built from a ref or a digest that was not validated: ingest
 //! directories are named by the hash of the ref, blobs by a parsed [`Digest`].
@@ -23,6 +24,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use digest::Digest;
 pub use ingest::{Ingest, IngestStatus, digest_in_ref};
+pub use metadata::PieceRecord;
 use metadata::{BlobMeta, Metadata};
 
 /// How long a writer waits for a ref another writer holds before giving up
@@ -243,6 +245,21 @@ impl Store {
         self.meta.remove_blob(&digest.to_string())
     }
 
+    /// Remembers the piece digests of committed blob `digest`; `false` if
+    /// the blob is not (or no longer) in the store.
+    pub fn record_pieces(&self, digest: &Digest, record: &PieceRecord) -> Result<bool, StoreError> {
+        self.meta.put_pieces(digest.as_str(), record)
+    }
+
+    /// The committed blobs that have piece digests recorded.
+    pub fn piece_records(&self) -> Result<Vec<(Digest, PieceRecord)>, StoreError> {
+        self.meta
+            .all_pieces()?
+            .into_iter()
+            .map(|(key, record)| Ok((key.parse()?, record)))
+            .collect()
+    }
+
     /// Opens the writer for `reference`, resuming its ingest if one exists.
     /// `total` and `expected` describe the blob when the client knows them.
     pub fn writer(
@@ -428,6 +445,30 @@ mod tests {
         ingest
             .commit(data.len() as i64, None, HashMap::new())
             .unwrap()
+    }
+
+    #[test]
+    fn piece_records_live_and_die_with_their_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = commit(&store, "r", b"hello");
+        let record = PieceRecord {
+            size: 5,
+            piece_size: 4,
+            digests: vec![Digest::of(b"hell"), Digest::of(b"o")],
+        };
+        assert!(store.record_pieces(&digest, &record).unwrap());
+        let unknown = Digest::of(b"never committed");
+        assert!(!store.record_pieces(&unknown, &record).unwrap());
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.piece_records().unwrap(),
+            vec![(digest.clone(), record)]
+        );
+        store.delete(&digest).unwrap();
+        assert!(store.piece_records().unwrap().is_empty());
     }
 
     #[test]

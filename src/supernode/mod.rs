@@ -27,6 +27,11 @@ use metrics::SupernodeMetrics;
 use scheduler::SchedulerConfig;
 use service::SupernodeService;
 
+/// Largest request accepted. A registration lists every blob a daemon
+/// offers with each piece's digest, about 80 bytes a piece: 64 MiB covers
+/// some 800,000 pieces, over 3 TiB of content in 4 MiB pieces.
+const MAX_REGISTRATION_BYTES: usize = 64 << 20;
+
 /// What the supernode needs to run.
 #[derive(Debug, Clone)]
 pub struct SupernodeConfig {
@@ -82,7 +87,9 @@ pub async fn serve(
     tracing::info!(addr = %grpc_addr, "serving the mesh API");
     let grpc_server = async {
         Server::builder()
-            .add_service(SupernodeServer::new(service))
+            .add_service(
+                SupernodeServer::new(service).max_decoding_message_size(MAX_REGISTRATION_BYTES),
+            )
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 shutdown,
