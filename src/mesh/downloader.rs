@@ -128,7 +128,13 @@ async fn run(
             verified
         };
         if verified as i64 > ingest.offset() {
-            block_in_place(|| ingest.adopt(verified as i64))?;
+            block_in_place(|| {
+                ingest.adopt(verified as i64)?;
+                // Move the crash marker up with the verified prefix: a
+                // daemon killed now resumes from here when it restarts, not
+                // from where this download began.
+                ingest.begin_out_of_order()
+            })?;
         }
         if contiguous == total {
             return Ok(DownloadEnd::Complete);
