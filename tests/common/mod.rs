@@ -180,6 +180,9 @@ pub struct Dfdaemon {
     host: Option<Host>,
     /// Arguments after `--data-dir` and `--content-socket`, on every (re)start.
     pub extra_args: Vec<String>,
+    /// Environment variables set on every (re)start (after `RUST_LOG=debug`,
+    /// so they may override it).
+    pub env: Vec<(String, String)>,
     proc: Option<Proc>,
 }
 
@@ -196,12 +199,25 @@ impl Dfdaemon {
         host: Option<&Host>,
         extra_args: Vec<String>,
     ) -> Self {
+        Self::start_in_with_env(scratch, name, host, extra_args, Vec::new())
+    }
+
+    /// Like [`Dfdaemon::start_in`], with environment variables `env` (for
+    /// fault switches, or a `RUST_LOG` of its own).
+    pub fn start_in_with_env(
+        scratch: &Scratch,
+        name: &str,
+        host: Option<&Host>,
+        extra_args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let mut daemon = Self {
             data_dir: scratch.join(&format!("{name}-data")),
             socket: scratch.join(&format!("{name}.sock")),
             log: scratch.join(&format!("{name}.log")),
             host: host.cloned(),
             extra_args,
+            env,
             proc: None,
         };
         daemon.restart();
@@ -218,7 +234,8 @@ impl Dfdaemon {
             .arg("--content-socket")
             .arg(&self.socket)
             .args(&self.extra_args)
-            .env("RUST_LOG", "debug");
+            .env("RUST_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut proc = Proc::spawn("dfdaemon", &mut command, self.log.clone());
         let socket = self.socket.clone();
         proc.wait_until("listen", || socket_ready(&socket));
@@ -239,6 +256,10 @@ impl Dfdaemon {
 
     pub fn pid(&self) -> u32 {
         self.proc.as_ref().expect("dfdaemon running").pid()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     pub fn log_text(&self) -> String {
@@ -308,6 +329,69 @@ pub fn sha256_file(path: &Path) -> String {
 /// `sha256:<hex>` of bytes.
 pub fn sha256_bytes(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// A supernode inside a test-net host: its gRPC API on port 8002 of the
+/// host's address, metrics on 8003.
+pub struct Supernode {
+    /// `ip:8002`, what daemons are given as `--supernode`.
+    pub addr: String,
+    host: Host,
+    data_dir: PathBuf,
+    log: PathBuf,
+    /// Arguments after the address options, on every (re)start.
+    pub extra_args: Vec<String>,
+    proc: Option<Proc>,
+}
+
+impl Supernode {
+    /// Starts a supernode named `name` (its data dir and log in the scratch
+    /// dir) inside `host`, with `extra_args` (e.g. `--heartbeat-ms`).
+    pub fn start_in(scratch: &Scratch, name: &str, host: &Host, extra_args: Vec<String>) -> Self {
+        let mut supernode = Self {
+            addr: format!("{}:8002", host.ip()),
+            host: host.clone(),
+            data_dir: scratch.join(&format!("{name}-data")),
+            log: scratch.join(&format!("{name}.log")),
+            extra_args,
+            proc: None,
+        };
+        supernode.restart();
+        supernode
+    }
+
+    /// Starts the supernode again (after [`Supernode::kill9`]), with empty
+    /// state: daemons must register again.
+    pub fn restart(&mut self) {
+        let ip = self.host.ip();
+        let mut command = self.host.command(env!("CARGO_BIN_EXE_supernode"));
+        command
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(&self.addr)
+            .arg("--advertise-ip")
+            .arg(ip.to_string())
+            .arg("--metrics-listen")
+            .arg(format!("{ip}:8003"))
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info");
+        let mut proc = Proc::spawn("supernode", &mut command, self.log.clone());
+        let addr = self.addr.clone();
+        proc.wait_until("listen", || std::net::TcpStream::connect(&addr).is_ok());
+        self.proc = Some(proc);
+    }
+
+    /// Kills the supernode without warning.
+    pub fn kill9(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill9();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 /// A private docker-registry on a loopback port, or on port 5000 of a

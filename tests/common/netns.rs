@@ -305,6 +305,16 @@ impl Host {
         tbf(&self.switch_ns, &self.port, mbit);
     }
 
+    /// Removes the limits of [`Host::shape`] (a no-op on an unshaped link).
+    pub fn unshape(&self) {
+        for (netns, dev) in [
+            (&self.netns, HOST_IF),
+            (&self.switch_ns, self.port.as_str()),
+        ] {
+            let _ = run(Command::new("tc").args(["-n", netns, "qdisc", "del", "dev", dev, "root"]));
+        }
+    }
+
     /// Bytes sent by this host's `eth0` (everything it uploaded).
     pub fn tx_bytes(&self) -> u64 {
         self.counter("tx_bytes")
