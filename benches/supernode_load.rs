@@ -133,6 +133,7 @@ impl Workload {
                 })
                 .collect(),
             complete,
+            ingesting: false,
         }
     }
 }
@@ -232,6 +233,8 @@ impl Daemon {
                 .take(blob.window)
                 .collect(),
             contiguous: contiguous.min(BLOB_SIZE) as i64,
+            // It starts every transfer it is given.
+            max_assignments: 0,
         };
         let started = Instant::now();
         let response = call!(mesh, self.index, schedule, schedule);

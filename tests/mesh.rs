@@ -442,8 +442,10 @@ fn supernode_down_before_a_pull_pulls_directly() {
 }
 
 /// The supernode is killed (-9) while three nodes pull and restarted a
-/// second later: every pull completes, every daemon registers again, and
-/// the next image goes through the mesh again (each layer ingested once,
+/// second later: every pull completes without leaving the mesh (the daemons
+/// register again with what they hold and whom they ingest for, downloaders
+/// join again, nobody stalls or takes over, the registry sends one copy),
+/// and the next image goes through the mesh too (each layer ingested once,
 /// the other nodes served by peers).
 #[test]
 fn supernode_restarted_during_pulls_the_mesh_works_again() {
@@ -458,6 +460,7 @@ fn supernode_restarted_during_pulls_the_mesh_works_again() {
     let nodes = start_nodes(&scratch, &net, &registry, &NODES, &[&supernode]);
     let image = catalog.image(BENCH256);
 
+    let sent_before = net.host("registry").tx_bytes();
     let results = pull_while(&containerds(&nodes), &registry, image, |_| {
         wait_for("a piece from a peer", Duration::from_secs(60), || {
             nodes.iter().any(|n| {
@@ -476,7 +479,21 @@ fn supernode_restarted_during_pulls_the_mesh_works_again() {
             .unwrap_or_else(|e| panic!("{}: {e}", NODES[i]));
         eprintln!("{} pulled in {:.1} s", NODES[i], time.as_secs_f64());
         assert_holds_image(NODES[i], &nodes[i].dfdaemon, image);
+        let log = nodes[i].dfdaemon.log_text();
+        for gave_up in ["mesh download stalled", "elected to take over"] {
+            assert!(!log.contains(gave_up), "{}: {gave_up}", NODES[i]);
+        }
     }
+    let sent = net.host("registry").tx_bytes() - sent_before;
+    let (layers, small) = image_bytes(image);
+    eprintln!(
+        "registry sent {sent} bytes ({:.3} copies)",
+        sent as f64 / (layers + small) as f64
+    );
+    assert!(
+        sent as f64 <= layers as f64 * 1.1 + (NODES.len() as u64 * small) as f64,
+        "the registry sent {sent} bytes for {layers} bytes of layers"
+    );
     for (i, node) in nodes.iter().enumerate() {
         wait_for(
             &format!("{} to register again", NODES[i]),

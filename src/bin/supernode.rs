@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use damselfly::supernode::scheduler::SchedulerConfig;
+use damselfly::supernode::scheduler::{MISSED_HEARTBEATS, SchedulerConfig};
 use damselfly::supernode::{self, SupernodeConfig};
 
 /// Coordinates the damselfly mesh: tracks hosts and pieces, elects ingesters,
@@ -45,6 +45,9 @@ async fn main() -> anyhow::Result<()> {
         scheduler: SchedulerConfig {
             heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
             upload_cap: args.upload_cap,
+            // Daemons notice a restart at their next heartbeat and register
+            // at once: as long as it takes to call a silent host dead.
+            recovery: Duration::from_millis(args.heartbeat_ms) * MISSED_HEARTBEATS,
         },
     })
     .await

@@ -21,8 +21,9 @@ use tokio::task::{JoinSet, block_in_place};
 use tokio::time::timeout;
 
 use super::Mesh;
-use super::api::{Outcome, PieceResult, ReportRequest, ScheduleRequest};
+use super::api::{Outcome, PieceResult, ReportRequest, Role, ScheduleRequest};
 use super::piece::{piece_count, piece_range};
+use super::supernode_client::SupernodeError;
 use super::tasks::LocalTask;
 use crate::store::{Digest, Ingest, StoreError};
 
@@ -153,6 +154,7 @@ async fn run(
             return Ok(DownloadEnd::Stalled);
         }
         if in_flight.len() < parallelism && Instant::now() >= next_schedule {
+            let free = parallelism - in_flight.len();
             let wanted: Vec<u32> = (contiguous..total)
                 .filter(|n| !task.has(*n) && !in_flight.contains(n))
                 .take(parallelism * 2)
@@ -162,6 +164,7 @@ async fn run(
                 digest: task.digest.to_string(),
                 wanted,
                 contiguous: ingest.offset(),
+                max_assignments: free as u32,
             };
             let mut started = 0;
             match mesh
@@ -171,10 +174,7 @@ async fn run(
                 })
                 .await
             {
-                Ok(answer) if answer.value.take_over => {
-                    tracing::info!(digest = %task.digest, offset = ingest.offset(), "elected to take over ingesting from the registry");
-                    return Ok(DownloadEnd::TakeOver);
-                }
+                Ok(answer) if answer.value.take_over => return Ok(take_over(task, ingest)),
                 Ok(answer) => {
                     if !pieces_seen && !answer.value.assignments.is_empty() {
                         pieces_seen = true;
@@ -196,6 +196,15 @@ async fn run(
                             (transfer, result)
                         });
                         started += 1;
+                    }
+                }
+                Err(SupernodeError::UnknownTask { addr }) => {
+                    // The supernode restarted and nobody told it of this
+                    // blob yet: join again, as at the start.
+                    tracing::warn!(digest = %task.digest, supernode = %addr, "supernode forgot the blob; joining again");
+                    if let Some((Role::Ingest, _)) = mesh.join(&task.digest, task.size as i64).await
+                    {
+                        return Ok(take_over(task, ingest));
                     }
                 }
                 Err(e) => {
@@ -244,6 +253,12 @@ async fn run(
             () = tokio::time::sleep_until(wake) => {}
         }
     }
+}
+
+/// This node was elected to continue the blob from the registry.
+fn take_over(task: &LocalTask, ingest: &Ingest) -> DownloadEnd {
+    tracing::info!(digest = %task.digest, offset = ingest.offset(), "elected to take over ingesting from the registry");
+    DownloadEnd::TakeOver
 }
 
 /// The transfer an assignment asks for, if it is well-formed.

@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio::task::block_in_place;
 
 use crate::store::{Digest, PieceRecord, Store};
-use api::{HeldBlob, Host, Piece};
+use api::{HeldBlob, Host, JoinRequest, Piece, Role};
 use piece::piece_count;
 use piece_server::PieceServer;
 use supernode_client::{Answer, SupernodeError, Supernodes};
@@ -31,6 +31,9 @@ use tasks::{LocalTask, LocalTasks};
 pub mod api {
     tonic::include_proto!("damselfly.mesh.v1");
 }
+
+/// How long a Join may take before the node just pulls from the registry.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a node takes part in the mesh.
 #[derive(Debug, Clone)]
@@ -174,6 +177,34 @@ impl Mesh {
         result
     }
 
+    /// Asks the task's supernode for this node's role in it, and which
+    /// supernode answered; `None` if no supernode answered in time.
+    pub async fn join(&self, digest: &Digest, size: i64) -> Option<(Role, String)> {
+        let request = JoinRequest {
+            host_id: self.supernodes.host().id.clone(),
+            digest: digest.to_string(),
+            size,
+        };
+        let call = self.call(digest, "join", |mut c| {
+            let request = request.clone();
+            async move { c.join(request).await }
+        });
+        match tokio::time::timeout(JOIN_TIMEOUT, call).await {
+            Ok(Ok(answer)) => {
+                let role = Role::try_from(answer.value.role).ok()?;
+                Some((role, answer.addr))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%digest, error = %e, "no supernode: pulling from the registry");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(%digest, "supernode join timed out: pulling from the registry");
+                None
+            }
+        }
+    }
+
     /// Tells the task's supernode which pieces this node holds.
     pub async fn announce(&self, task: &LocalTask, complete: bool) {
         let blob = held_blob(task, complete);
@@ -228,6 +259,7 @@ fn committed_blob(digest: &Digest, record: PieceRecord) -> HeldBlob {
             })
             .collect(),
         complete: true,
+        ingesting: false,
     }
 }
 
@@ -245,5 +277,6 @@ fn held_blob(task: &LocalTask, complete: bool) -> HeldBlob {
             })
             .collect(),
         complete,
+        ingesting: task.is_ingesting(),
     }
 }

@@ -9,21 +9,17 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, block_in_place};
 
 use super::Mesh;
-use super::api::{JoinRequest, Role};
+use super::api::Role;
 use super::downloader::{DownloadEnd, download};
 use super::piece::{piece_count, piece_range, piece_size};
 use super::tasks::LocalTask;
 use crate::store::{Digest, Ingest, StoreError, digest_in_ref};
-
-/// How long a Join may take before the node just pulls from the registry.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The mesh side of one Write stream.
 pub struct BlobSession {
@@ -55,7 +51,7 @@ impl BlobSession {
         let join = {
             let mesh = mesh.clone();
             let digest = digest.clone();
-            tokio::spawn(async move { join(&mesh, &digest, total).await })
+            tokio::spawn(async move { mesh.join(&digest, total).await })
         };
         Some(Self {
             mesh: mesh.clone(),
@@ -92,6 +88,7 @@ impl BlobSession {
             }
         }
         tracing::info!(digest = %self.digest, size = self.size, offset = ingest.offset(), %supernode, "ingesting from the registry");
+        task.start_ingesting();
         let hasher = block_in_place(|| PieceHasher::resume(&task, ingest))?;
         let dirty = Arc::new(Notify::new());
         let done = Arc::new(Notify::new());
@@ -153,34 +150,6 @@ impl Drop for BlobSession {
         }
         if let Some(task) = &self.task {
             self.mesh.tasks.finish(task);
-        }
-    }
-}
-
-/// Asks the task's supernode for this node's role; `None` if no supernode
-/// answered in time.
-async fn join(mesh: &Arc<Mesh>, digest: &Digest, size: i64) -> Option<(Role, String)> {
-    let request = JoinRequest {
-        host_id: mesh.supernodes.host().id.clone(),
-        digest: digest.to_string(),
-        size,
-    };
-    let call = mesh.call(digest, "join", |mut c| {
-        let request = request.clone();
-        async move { c.join(request).await }
-    });
-    match tokio::time::timeout(JOIN_TIMEOUT, call).await {
-        Ok(Ok(answer)) => {
-            let role = Role::try_from(answer.value.role).ok()?;
-            Some((role, answer.addr))
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(%digest, error = %e, "no supernode: pulling from the registry");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(%digest, "supernode join timed out: pulling from the registry");
-            None
         }
     }
 }

@@ -33,6 +33,8 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 pub enum SupernodeError {
     #[error("no supernode could be reached (last error: {0})")]
     Unreachable(String),
+    #[error("supernode {addr} does not know the blob (it restarted)")]
+    UnknownTask { addr: String },
     #[error("supernode {addr} refused {what}: {status}")]
     Refused {
         addr: String,
@@ -168,6 +170,12 @@ impl Supernodes {
                         });
                     }
                     last = format!("{}: {status}", node.addr);
+                }
+                Err(status) if status.code() == Code::NotFound => {
+                    // The owner lost the task; the next supernode never had it.
+                    return Err(SupernodeError::UnknownTask {
+                        addr: node.addr.clone(),
+                    });
                 }
                 Err(status) if status.code() == Code::InvalidArgument => {
                     return Err(SupernodeError::Refused {

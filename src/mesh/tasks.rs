@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::store::Digest;
@@ -19,6 +20,8 @@ pub struct LocalTask {
     pub data: PathBuf,
     /// Digest of each verified piece; `None` for pieces not held yet.
     pieces: Mutex<Vec<Option<Digest>>>,
+    /// This node streams the blob from the registry.
+    ingesting: AtomicBool,
 }
 
 impl LocalTask {
@@ -40,6 +43,16 @@ impl LocalTask {
         {
             *slot = None;
         }
+    }
+
+    /// Marks this node as the blob's ingester (told to a supernode that
+    /// restarts, so that it does not elect another one).
+    pub fn start_ingesting(&self) {
+        self.ingesting.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ingesting(&self) -> bool {
+        self.ingesting.load(Ordering::Relaxed)
     }
 
     pub fn has(&self, number: u32) -> bool {
@@ -83,6 +96,7 @@ impl LocalTasks {
             piece_size,
             data,
             pieces: Mutex::new(vec![None; piece_count(size, piece_size) as usize]),
+            ingesting: AtomicBool::new(false),
         });
         self.tasks
             .lock()

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use futures::FutureExt;
@@ -46,11 +47,24 @@ pub struct SupernodeConfig {
     pub scheduler: SchedulerConfig,
 }
 
+/// A file in the data dir that says a supernode ran here before.
+const RAN_BEFORE: &str = "ran-before";
+
 /// Runs the supernode until SIGINT or SIGTERM.
-pub async fn run(config: SupernodeConfig) -> anyhow::Result<()> {
+pub async fn run(mut config: SupernodeConfig) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(&config.data_dir)
         .await
         .with_context(|| format!("create the data dir {}", config.data_dir.display()))?;
+    // Only a restart needs the recovery window: on a first start no daemon
+    // can be ingesting for this supernode.
+    let marker = config.data_dir.join(RAN_BEFORE);
+    let restarted = tokio::fs::try_exists(&marker).await.unwrap_or(false);
+    if !restarted {
+        config.scheduler.recovery = Duration::ZERO;
+        tokio::fs::write(&marker, b"")
+            .await
+            .with_context(|| format!("write {}", marker.display()))?;
+    }
     let grpc = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen for gRPC on {}", config.listen))?;
@@ -61,6 +75,8 @@ pub async fn run(config: SupernodeConfig) -> anyhow::Result<()> {
         data_dir = %config.data_dir.display(),
         listen = %config.listen,
         advertise_ip = %config.advertise_ip,
+        restarted,
+        recovery_ms = config.scheduler.recovery.as_millis() as u64,
         "supernode starting"
     );
     serve(config.scheduler, grpc, metrics, terminated()).await

@@ -16,8 +16,12 @@
 //! over hosts × pieces.
 //!
 //! Policy beyond the plain rules: rarity counts the transfers of a piece in
-//! flight (so that callers in a row do not all get the same rare piece), and
-//! while some downloaders of a task wait with nothing, each call gets only
+//! flight (so that callers in a row do not all get the same rare piece); a
+//! piece is on its way to at most as many downloaders as hold it (a new
+//! piece leaves the ingester once, then spreads from its copies, doubling:
+//! without this, every downloader that caught up took each new piece from the
+//! ingester, whose uplink then carried several copies of the blob and paced
+//! the whole rollout); and while some downloaders of a task wait with nothing, each call gets only
 //! [`MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT`] assignments. Any request from a host
 //! counts as a sign of life, like a heartbeat.
 
@@ -56,6 +60,12 @@ pub struct SchedulerConfig {
     pub heartbeat_interval: Duration,
     /// Most concurrent piece uploads asked of one host (at least 1).
     pub upload_cap: u32,
+    /// After its first request, how long the scheduler elects no ingester
+    /// (Join answers Download, no take-over): time for the daemons of a
+    /// restarted supernode to register again and say who ingests what, so
+    /// that a second node does not fetch a blob one is already streaming.
+    /// [`crate::supernode::run`] drops it on a first start in a data dir.
+    pub recovery: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -63,6 +73,7 @@ impl Default for SchedulerConfig {
         Self {
             heartbeat_interval: Duration::from_millis(1000),
             upload_cap: 8,
+            recovery: Duration::ZERO,
         }
     }
 }
@@ -132,6 +143,8 @@ pub struct Scheduler {
     task_ids: HashMap<Digest, TaskId>,
     next_task_id: TaskId,
     events: Vec<Event>,
+    /// Time of the first request: the recovery window starts there.
+    started: Option<Instant>,
 }
 
 impl Scheduler {
@@ -148,6 +161,7 @@ impl Scheduler {
             task_ids: HashMap::new(),
             next_task_id: 0,
             events: Vec::new(),
+            started: None,
         }
     }
 
@@ -174,6 +188,7 @@ impl Scheduler {
         request: &RegisterRequest,
         now: Instant,
     ) -> Result<RegisterResponse, SchedulerError> {
+        self.started.get_or_insert(now);
         let info = wire::host(request.host.as_ref())?;
         let blobs = request
             .blobs
@@ -206,6 +221,7 @@ impl Scheduler {
         request: &HeartbeatRequest,
         now: Instant,
     ) -> Result<HeartbeatResponse, SchedulerError> {
+        self.started.get_or_insert(now);
         let id = wire::host_id(&request.host_id)?;
         let Some(slot) = self.hosts.slot_of(id) else {
             return Ok(HeartbeatResponse { reregister: true });
@@ -228,6 +244,7 @@ impl Scheduler {
         let slot = self.touch(&request.host_id, now)?;
         let digest = wire::digest(&request.digest)?;
         let size = wire::size(request.size, "blob size")?;
+        let recovering = self.recovering(now);
         let task_id = self.task_for(&digest, size)?;
         self.enroll(task_id, slot);
         let task = self.tasks.get_mut(&task_id).expect("task just found");
@@ -236,6 +253,7 @@ impl Scheduler {
         } else if task.ingester.is_some()
             || task.others_hold_pieces(slot)
             || task.members[&slot].banned
+            || recovering
         {
             let contiguous = task.members[&slot].downloading.unwrap_or(0);
             task.set_downloading(slot, contiguous);
@@ -296,6 +314,7 @@ impl Scheduler {
         }
         let wanted = wire::piece_numbers(&request.wanted, task.piece_count())?;
         self.enroll(task_id, slot);
+        let recovering = self.recovering(now);
 
         let Self {
             hosts,
@@ -311,7 +330,7 @@ impl Scheduler {
             total_pieces: task.piece_count(),
             ..Default::default()
         };
-        if task.should_take_over(slot, contiguous, &wanted) {
+        if !recovering && task.should_take_over(slot, contiguous, &wanted) {
             task.ingester = Some(slot);
             task.stop_downloading(slot);
             events.push(Event::TakeOver {
@@ -321,11 +340,14 @@ impl Scheduler {
             });
             response.take_over = true;
         } else {
-            let limit = if task.others_wait(slot) {
+            let mut limit = if task.others_wait(slot) {
                 MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT
             } else {
                 MAX_ASSIGNMENTS
             };
+            if request.max_assignments > 0 {
+                limit = limit.min(request.max_assignments as usize);
+            }
             let servable = wanted
                 .iter()
                 .any(|&n| task.pieces[n as usize].holder_count > 0);
@@ -433,6 +455,13 @@ impl Scheduler {
         self.uploads_ended(ended);
     }
 
+    /// Whether `now` is inside the recovery window (see
+    /// [`SchedulerConfig::recovery`]).
+    fn recovering(&mut self, now: Instant) -> bool {
+        let started = *self.started.get_or_insert(now);
+        now < started + self.config.recovery
+    }
+
     /// The slot of registered host `id`, marked alive at `now`: any request
     /// from a host shows it is alive.
     fn touch(&mut self, id: &str, now: Instant) -> Result<u32, SchedulerError> {
@@ -535,6 +564,10 @@ impl Scheduler {
         }
         if blob.complete {
             task.mark_complete(slot);
+        }
+        if blob.ingesting && task.ingester.is_none() {
+            task.ingester = Some(slot);
+            task.stop_downloading(slot);
         }
         Ok(())
     }
@@ -647,6 +680,9 @@ fn assign(
         let Some(digest) = &piece.digest else {
             continue;
         };
+        if piece.in_flight >= piece.holder_count {
+            continue;
+        }
         let Some(parent) = hosts.least_loaded(&piece.holders, piece.cursor, &eligible) else {
             continue;
         };

@@ -29,6 +29,8 @@ pub(crate) struct Blob {
     /// digests the daemon verified them against.
     pub(crate) pieces: Vec<(u32, Digest)>,
     pub(crate) complete: bool,
+    /// The daemon says it is the blob's ingester.
+    pub(crate) ingesting: bool,
 }
 
 fn invalid(message: String) -> SchedulerError {
@@ -128,6 +130,7 @@ pub(crate) fn blob(blob: Option<&api::HeldBlob>) -> Result<Blob, SchedulerError>
         size,
         pieces,
         complete: blob.complete,
+        ingesting: blob.ingesting && !blob.complete,
     })
 }
 

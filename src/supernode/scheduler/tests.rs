@@ -31,6 +31,7 @@ fn held(pieces: impl IntoIterator<Item = u32>, complete: bool) -> HeldBlob {
             })
             .collect(),
         complete,
+        ingesting: false,
     }
 }
 
@@ -50,11 +51,15 @@ impl Mesh {
     }
 
     fn with_cap(upload_cap: u32) -> Self {
+        Self::with_config(SchedulerConfig {
+            upload_cap,
+            ..Default::default()
+        })
+    }
+
+    fn with_config(config: SchedulerConfig) -> Self {
         Self {
-            scheduler: Scheduler::new(SchedulerConfig {
-                upload_cap,
-                ..Default::default()
-            }),
+            scheduler: Scheduler::new(config),
             now: Instant::now(),
         }
     }
@@ -113,6 +118,7 @@ impl Mesh {
             digest: blob().to_string(),
             wanted: wanted.into_iter().collect(),
             contiguous,
+            max_assignments: 0,
         };
         let response = self.scheduler.schedule(&request, self.now).unwrap();
         assert_eq!(response.total_pieces, PIECES);
@@ -262,6 +268,7 @@ fn requests_are_validated() {
         digest: digest.to_string(),
         wanted,
         contiguous,
+        max_assignments: 0,
     };
     assert!(invalid(
         s.schedule(&schedule(vec![PIECES], 0, &blob()), now)
@@ -710,10 +717,31 @@ fn a_restarted_supernode_is_rebuilt_from_registrations() {
     mesh.register("c", vec![]);
     assert_eq!(mesh.join("c"), Role::Download);
     let response = mesh.schedule("c", 0..4);
-    // Pieces 2 and 3 are on their way to b: no rarer than 0 and 1, which
-    // the least loaded holder, b, serves.
-    assert_eq!(numbers(&response), [0, 1, 2, 3]);
-    assert_eq!(parents(&response), ["b", "b", "a", "a"]);
+    // Pieces 2 and 3 are on their way to b from their one holder: c waits
+    // for them to spread; 0 and 1 come from the least loaded holder, b.
+    assert_eq!(numbers(&response), [0, 1]);
+    assert_eq!(parents(&response), ["b", "b"]);
+}
+
+#[test]
+fn a_piece_is_on_its_way_to_at_most_as_many_downloaders_as_hold_it() {
+    let mut mesh = Mesh::with_cap(100);
+    mesh.register("ingester", vec![held(0..1, false)]);
+    for id in ["b", "c", "d"] {
+        mesh.register(id, vec![]);
+        assert_eq!(mesh.join(id), Role::Download);
+    }
+    // The ingester's new piece leaves it once; the others wait for a copy.
+    assert_eq!(parents(&mesh.schedule("b", [0])), ["ingester"]);
+    assert!(mesh.schedule("c", [0]).assignments.is_empty());
+    mesh.report("b", &[(0, "ingester", Outcome::Ok)]);
+    mesh.announce("b", held(0..1, false)).unwrap();
+    // Two copies: two transfers at once, one from each.
+    let c = mesh.schedule("c", [0]);
+    let d = mesh.schedule("d", [0]);
+    let mut from = [parents(&c), parents(&d)].concat();
+    from.sort_unstable();
+    assert_eq!(from, ["b", "ingester"]);
 }
 
 #[test]
@@ -837,6 +865,7 @@ fn random_operations_keep_the_state_consistent() {
                     digest: blob().to_string(),
                     wanted: (piece..PIECES.min(piece + 8)).collect(),
                     contiguous: 0,
+                    max_assignments: 0,
                 };
                 if let Ok(response) = mesh.scheduler.schedule(&request, mesh.now) {
                     last.insert(id, response);
@@ -864,4 +893,49 @@ fn random_operations_keep_the_state_consistent() {
     }
     // Every kind of event but BlobRejected happened.
     assert_eq!(seen.len(), 6, "{seen:?}");
+}
+
+#[test]
+fn a_call_gets_no_more_assignments_than_it_can_start() {
+    let mut mesh = Mesh::with_cap(100);
+    mesh.seeds(&["a"]);
+    mesh.register("x", vec![]);
+    mesh.join("x");
+    let request = ScheduleRequest {
+        host_id: "x".into(),
+        digest: blob().to_string(),
+        wanted: (0..16).collect(),
+        contiguous: 0,
+        max_assignments: 3,
+    };
+    let response = mesh.scheduler.schedule(&request, mesh.now).unwrap();
+    assert_eq!(numbers(&response), [0, 1, 2]);
+}
+
+#[test]
+fn a_restarted_supernode_learns_the_ingester_from_its_registration() {
+    let mut mesh = Mesh::new();
+    let mut ingesting = held(0..2, false);
+    ingesting.ingesting = true;
+    mesh.register("a", vec![ingesting]);
+    mesh.register("b", vec![]);
+    assert_eq!(mesh.join("b"), Role::Download);
+    // Piece 3 exists nowhere yet, but a is streaming it: no take-over.
+    let response = mesh.schedule("b", [3]);
+    assert!(!response.take_over && response.assignments.is_empty());
+    assert_eq!(mesh.join("a"), Role::Ingest);
+}
+
+#[test]
+fn a_freshly_started_scheduler_elects_no_ingester_during_recovery() {
+    let mut mesh = Mesh::with_config(SchedulerConfig {
+        recovery: Duration::from_secs(3),
+        ..Default::default()
+    });
+    mesh.register("a", vec![]);
+    // Someone may be streaming the blob and not have registered yet.
+    assert_eq!(mesh.join("a"), Role::Download);
+    assert!(!mesh.schedule("a", [0]).take_over);
+    mesh.pass(3, &["a"]);
+    assert!(mesh.schedule("a", [0]).take_over);
 }
