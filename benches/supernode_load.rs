@@ -78,9 +78,15 @@ async fn main() -> anyhow::Result<()> {
     let metrics = TcpListener::bind("127.0.0.1:0").await?;
     let (grpc_addr, metrics_addr) = (grpc.local_addr()?, metrics.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(damselfly::supernode::serve(config, grpc, metrics, async {
-        stopped.await.ok();
-    }));
+    let server = tokio::spawn(damselfly::supernode::serve(
+        config,
+        grpc,
+        metrics,
+        None,
+        async {
+            stopped.await.ok();
+        },
+    ));
     let clients = connect(&format!("http://{grpc_addr}")).await?;
     let mesh = Arc::new(Mesh::Grpc(clients));
     let stats = simulate(mesh.clone(), &blob, hosts, IN_FLIGHT).await;
@@ -191,6 +197,7 @@ impl Daemon {
                 id: self.id.clone(),
                 ip: "10.0.0.1".into(),
                 upload_port: 65002,
+                supernode: false,
             }),
             blobs: vec![],
         };
@@ -497,6 +504,7 @@ fn state_size(config: &SchedulerConfig, blob: &Workload, hosts: usize) -> String
                 id: format!("node-{index:05}"),
                 ip: "10.0.0.1".into(),
                 upload_port: 65002,
+                supernode: false,
             }),
             blobs: vec![blob.held(all.clone(), true)],
         };

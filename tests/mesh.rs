@@ -786,6 +786,73 @@ fn restarted_daemon_serves_the_blobs_it_committed() {
     }
 }
 
+/// The supernode's repo copies each new layer from the peers as it is
+/// pulled; once the only node that pulled the image is gone, the next node
+/// gets every layer from the repo (logged `source="supernode"`), and the
+/// registry sends no layer bytes.
+#[test]
+fn supernode_repo_serves_blobs_after_the_nodes_that_had_them_are_gone() {
+    const NODES: [&str; 2] = ["a", "b"];
+    let scratch = Scratch::new();
+    let _logs = KeepLogs::new(&scratch, "supernode_repo");
+    let net = TestNet::new(&with_infra(&NODES));
+    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    let catalog = registry.push("small");
+    let supernode = start_supernode_with(&scratch, &net, "supernode", &["--repo-max-mib", "64"]);
+    let mut nodes = start_nodes(&scratch, &net, &registry, &NODES, &[&supernode]);
+    let image = catalog.image("damselfly/multi:v1");
+    let reference = format!("{}/{}", registry.host, image.reference);
+    let layers = layer_blobs(image);
+
+    pull(&nodes[0].containerd, &reference).expect("a pulls");
+    wait_for(
+        "the repo to store every layer",
+        Duration::from_secs(30),
+        || {
+            let log = supernode.log_text();
+            layers
+                .iter()
+                .all(|l| !lines_with(&log, "repo: blob stored", &l.digest).is_empty())
+        },
+    );
+    let a_id = format!("{}:65002", net.host("a").ip());
+    nodes[0].dfdaemon.kill9();
+    wait_for("the supernode to drop a", Duration::from_secs(10), || {
+        supernode
+            .log_text()
+            .lines()
+            .any(|l| l.contains("host expired") && field(l, "host") == Some(a_id.as_str()))
+    });
+
+    let sent_before = net.host("registry").tx_bytes();
+    pull(&nodes[1].containerd, &reference).expect("b pulls");
+    let sent = net.host("registry").tx_bytes() - sent_before;
+    assert_holds_image("b", &nodes[1].dfdaemon, image);
+    let repo = format!("{}:8001", net.host("supernode").ip());
+    let log = nodes[1].dfdaemon.log_text();
+    for layer in &layers {
+        assert!(
+            lines_with(&log, INGESTING, &layer.digest).is_empty(),
+            "b fetched {} from the registry",
+            layer.digest
+        );
+        let pieces = pieces_of(&log, &layer.digest, "supernode");
+        assert_eq!(
+            pieces.len() as u32,
+            piece_count(layer.size),
+            "b got every piece of {} from the repo",
+            layer.digest
+        );
+        assert!(pieces.iter().all(|p| p.dst == repo));
+    }
+    let (layer_bytes, small) = image_bytes(image);
+    eprintln!("registry sent {sent} bytes; the layers are {layer_bytes}");
+    assert!(
+        sent < small + (layer_bytes / 10),
+        "the registry sent {sent} bytes: layers came from it"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Helpers.
 
@@ -844,13 +911,16 @@ fn with_infra<'a>(nodes: &[&'a str]) -> Vec<&'a str> {
     hosts
 }
 
+/// A supernode without a repo: the tests of the daemons' mesh count every
+/// piece as coming from a peer or the registry.
 fn start_supernode(scratch: &Scratch, net: &TestNet, name: &str) -> Supernode {
-    Supernode::start_in(
-        scratch,
-        name,
-        net.host(name),
-        vec!["--heartbeat-ms".into(), HEARTBEAT_MS.into()],
-    )
+    start_supernode_with(scratch, net, name, &["--repo-max-mib", "0"])
+}
+
+fn start_supernode_with(scratch: &Scratch, net: &TestNet, name: &str, args: &[&str]) -> Supernode {
+    let mut all = vec!["--heartbeat-ms".to_owned(), HEARTBEAT_MS.to_owned()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    Supernode::start_in(scratch, name, net.host(name), all)
 }
 
 /// A node in `host` whose dfdaemon uses `supernodes` (addresses, in the

@@ -66,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
             upload_slots: file.upload_slots.unwrap_or(16),
             download_parallelism: file.download_parallelism.unwrap_or(4),
             stall_timeout: Duration::from_millis(file.stall_timeout_ms.unwrap_or(5000)),
+            supernode: false,
         })
     };
     daemon::run(DaemonConfig {

@@ -31,6 +31,12 @@ struct Args {
     /// Most concurrent piece uploads asked of one host.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     upload_cap: u32,
+    /// Most MiB of blobs the repo keeps (oldest evicted first); 0: no repo.
+    #[arg(long, default_value_t = 10240)]
+    repo_max_mib: u64,
+    /// Port the repo serves pieces on.
+    #[arg(long, default_value_t = 8001)]
+    upload_port: u16,
 }
 
 #[tokio::main]
@@ -49,6 +55,8 @@ async fn main() -> anyhow::Result<()> {
             // at once: as long as it takes to call a silent host dead.
             recovery: Duration::from_millis(args.heartbeat_ms) * MISSED_HEARTBEATS,
         },
+        repo_max_bytes: args.repo_max_mib.saturating_mul(1 << 20),
+        upload_port: args.upload_port,
     })
     .await
 }

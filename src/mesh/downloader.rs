@@ -66,6 +66,8 @@ struct Transfer {
     expected: Digest,
     parent_id: String,
     parent_addr: String,
+    /// The parent is a supernode's repo.
+    from_supernode: bool,
     start: u64,
     len: u64,
 }
@@ -227,11 +229,16 @@ async fn run(
                         task.verified(transfer.number, transfer.expected.clone());
                         last_progress = Instant::now();
                         mesh.stats.pieces_fetched.fetch_add(1, Ordering::Relaxed);
-                        mesh.stats.peer_bytes.fetch_add(transfer.len, Ordering::Relaxed);
+                        let (source, bytes) = if transfer.from_supernode {
+                            ("supernode", &mesh.stats.supernode_bytes)
+                        } else {
+                            ("peer", &mesh.stats.peer_bytes)
+                        };
+                        bytes.fetch_add(transfer.len, Ordering::Relaxed);
                         tracing::info!(
                             taskID = %task.digest, superNode = supernode, dstCid = %transfer.parent_id,
                             range = %format!("{}-{}", transfer.start, transfer.start + transfer.len - 1),
-                            pieceSize = transfer.len, pieceNum = transfer.number, source = "peer",
+                            pieceSize = transfer.len, pieceNum = transfer.number, source,
                             "downloading piece"
                         );
                         dirty.notify_one();
@@ -277,6 +284,7 @@ fn transfer_for(task: &LocalTask, assignment: super::api::Assignment) -> Option<
         expected,
         parent_id: parent.host_id,
         parent_addr: parent.addr,
+        from_supernode: parent.supernode,
         start,
         len: end - start,
     })

@@ -72,6 +72,7 @@ impl Collector for MeshCollector {
             &[
                 ("registry", load(&stats.registry_bytes)),
                 ("peer", load(&stats.peer_bytes)),
+                ("supernode", load(&stats.supernode_bytes)),
             ],
         )?;
         counter(

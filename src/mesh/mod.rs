@@ -50,6 +50,8 @@ pub struct MeshConfig {
     /// A download that makes no progress for this long falls back to the
     /// registry from its verified offset.
     pub stall_timeout: Duration,
+    /// This node is a supernode's repo: it never fetches from a registry.
+    pub supernode: bool,
 }
 
 /// Bytes and pieces by where they came from, and failures by kind.
@@ -57,6 +59,7 @@ pub struct MeshConfig {
 pub struct MeshStats {
     pub registry_bytes: AtomicU64,
     pub peer_bytes: AtomicU64,
+    pub supernode_bytes: AtomicU64,
     pub pieces_fetched: AtomicU64,
     pub bad_pieces: AtomicU64,
     pub failed_pieces: AtomicU64,
@@ -81,6 +84,7 @@ impl Mesh {
             id: format!("{}:{}", config.advertise_ip, config.upload_port),
             ip: config.advertise_ip.to_string(),
             upload_port: u32::from(config.upload_port),
+            supernode: config.supernode,
         };
         let supernodes = Supernodes::new(host, &config.supernodes)?;
         let tasks = Arc::new(LocalTasks::default());

@@ -156,7 +156,7 @@ impl Drop for BlobSession {
 
 /// Marks the pieces an ingest already holds whole (it was resumed) as
 /// verified, with their digests computed from the data.
-fn seed_verified_prefix(task: &LocalTask, ingest: &mut Ingest) -> Result<(), StoreError> {
+pub fn seed_verified_prefix(task: &LocalTask, ingest: &mut Ingest) -> Result<(), StoreError> {
     let offset = ingest.offset() as u64;
     // A complete ingest holds its last piece too, even if it is short.
     let whole = if offset >= task.size {

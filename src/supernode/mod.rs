@@ -1,10 +1,12 @@
 //! The supernode, the mesh's coordinator: serves the Supernode gRPC API of
 //! proto/mesh.proto over the [`scheduler::Scheduler`] and Prometheus metrics
-//! over HTTP, until SIGINT or SIGTERM. Its state is soft (rebuilt from the
-//! daemons' registrations after a restart); its data dir holds nothing yet.
+//! over HTTP, until SIGINT or SIGTERM. Its scheduling state is soft (rebuilt
+//! from the daemons' registrations after a restart); its data dir holds the
+//! [`repo`], a copy of the blobs the mesh fetched, served as a peer.
 
 mod bits;
 pub mod metrics;
+pub mod repo;
 pub mod scheduler;
 pub mod service;
 mod wire;
@@ -23,10 +25,21 @@ use tokio::signal::unix::{SignalKind, signal};
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::mesh::MeshConfig;
 use crate::mesh::api::supernode_server::SupernodeServer;
+use crate::store::Digest;
 use metrics::SupernodeMetrics;
+use repo::{Repo, RepoConfig};
 use scheduler::SchedulerConfig;
 use service::SupernodeService;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// The repo serves many nodes at once: more upload slots than a node's.
+const REPO_UPLOAD_SLOTS: usize = 32;
+/// Piece transfers at once while the repo copies a blob.
+const REPO_DOWNLOAD_PARALLELISM: usize = 4;
+/// A copy that makes no progress for this long is given up.
+const REPO_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest request accepted. A registration lists every blob a daemon
 /// offers with each piece's digest, about 80 bytes a piece: 64 MiB covers
@@ -36,7 +49,7 @@ const MAX_REGISTRATION_BYTES: usize = 64 << 20;
 /// What the supernode needs to run.
 #[derive(Debug, Clone)]
 pub struct SupernodeConfig {
-    /// Its own directory (the future repo of hot blobs); created if missing.
+    /// Its own directory (the repo lives in `repo/`); created if missing.
     pub data_dir: PathBuf,
     /// Where the gRPC API listens (port 8002 by convention).
     pub listen: SocketAddr,
@@ -45,6 +58,10 @@ pub struct SupernodeConfig {
     /// Where `/metrics` is served.
     pub metrics_listen: SocketAddr,
     pub scheduler: SchedulerConfig,
+    /// Most bytes the repo keeps; 0: no repo.
+    pub repo_max_bytes: u64,
+    /// Port of the repo's piece server (on `advertise_ip`).
+    pub upload_port: u16,
 }
 
 /// A file in the data dir that says a supernode ran here before.
@@ -79,7 +96,30 @@ pub async fn run(mut config: SupernodeConfig) -> anyhow::Result<()> {
         recovery_ms = config.scheduler.recovery.as_millis() as u64,
         "supernode starting"
     );
-    serve(config.scheduler, grpc, metrics, terminated()).await
+    let new_blobs = if config.repo_max_bytes > 0 {
+        let (tell, told) = tokio::sync::mpsc::unbounded_channel();
+        let repo = Repo::start(RepoConfig {
+            dir: config.data_dir.join("repo"),
+            max_bytes: config.repo_max_bytes,
+            mesh: MeshConfig {
+                supernodes: vec![
+                    SocketAddr::new(config.advertise_ip, config.listen.port()).to_string(),
+                ],
+                advertise_ip: config.advertise_ip,
+                upload_port: config.upload_port,
+                upload_slots: REPO_UPLOAD_SLOTS,
+                download_parallelism: REPO_DOWNLOAD_PARALLELISM,
+                stall_timeout: REPO_STALL_TIMEOUT,
+                supernode: true,
+            },
+        })
+        .await?;
+        tokio::spawn(repo.copy_all(told));
+        Some(tell)
+    } else {
+        None
+    };
+    serve(config.scheduler, grpc, metrics, new_blobs, terminated()).await
 }
 
 /// Serves the gRPC API on `grpc` and the metrics on `metrics` until
@@ -88,11 +128,16 @@ pub async fn serve(
     config: SchedulerConfig,
     grpc: TcpListener,
     metrics: TcpListener,
+    new_blobs: Option<UnboundedSender<(Digest, u64)>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let grpc_addr = grpc.local_addr().context("gRPC listener address")?;
     let mut registry = Registry::default();
-    let service = SupernodeService::new(config.clone(), SupernodeMetrics::register(&mut registry));
+    let service = SupernodeService::new(
+        config.clone(),
+        SupernodeMetrics::register(&mut registry),
+        new_blobs,
+    );
     let expiry = tokio::spawn(
         service
             .clone()
@@ -141,9 +186,15 @@ mod tests {
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, metrics_addr) = (grpc.local_addr().unwrap(), metrics.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(SchedulerConfig::default(), grpc, metrics, async {
-            stopped.await.ok();
-        }));
+        let server = tokio::spawn(serve(
+            SchedulerConfig::default(),
+            grpc,
+            metrics,
+            None,
+            async {
+                stopped.await.ok();
+            },
+        ));
 
         let mut client = SupernodeClient::connect(format!("http://{grpc_addr}"))
             .await
@@ -159,6 +210,7 @@ mod tests {
                 id: "a".into(),
                 ip: "127.0.0.1".into(),
                 upload_port: 65002,
+                supernode: false,
             }),
             blobs: vec![],
         };

@@ -96,8 +96,13 @@ pub enum SchedulerError {
 /// Something an operator should see, in the order it happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// `host` was the first to want `digest`: it fetches it from the registry.
-    IngesterElected { digest: Digest, host: String },
+    /// `host` was the first to want `digest` (a blob of `size` bytes): it
+    /// fetches it from the registry.
+    IngesterElected {
+        digest: Digest,
+        size: u64,
+        host: String,
+    },
     /// The ingester of `digest` is gone and `host` resumes the blob from the
     /// registry at byte `contiguous`.
     TakeOver {
@@ -254,6 +259,7 @@ impl Scheduler {
             || task.others_hold_pieces(slot)
             || task.members[&slot].banned
             || recovering
+            || self.hosts.get(slot).supernode
         {
             let contiguous = task.members[&slot].downloading.unwrap_or(0);
             task.set_downloading(slot, contiguous);
@@ -263,6 +269,7 @@ impl Scheduler {
             task.stop_downloading(slot);
             self.events.push(Event::IngesterElected {
                 digest,
+                size,
                 host: self.hosts.get(slot).id.clone(),
             });
             Role::Ingest
@@ -330,7 +337,8 @@ impl Scheduler {
             total_pieces: task.piece_count(),
             ..Default::default()
         };
-        if !recovering && task.should_take_over(slot, contiguous, &wanted) {
+        let may_ingest = !recovering && !hosts.get(slot).supernode;
+        if may_ingest && task.should_take_over(slot, contiguous, &wanted) {
             task.ingester = Some(slot);
             task.stop_downloading(slot);
             events.push(Event::TakeOver {
@@ -703,6 +711,7 @@ fn assign(
             parent: Some(Parent {
                 host_id: parent_host.id.clone(),
                 addr: parent_host.addr.clone(),
+                supernode: parent_host.supernode,
             }),
         });
         if hosts.at_cap(parent) {
@@ -732,6 +741,8 @@ struct Host {
     id: String,
     /// `ip:port` of its piece server.
     addr: String,
+    /// A supernode's seeding peer: never an ingester.
+    supernode: bool,
     last_seen: Instant,
     /// Uploads it said (Heartbeat) it serves.
     reported_uploads: u32,
@@ -808,6 +819,7 @@ impl Hosts {
         if let Some(slot) = self.slot_of(&info.id) {
             let host = self.get_mut(slot);
             host.addr = info.addr;
+            host.supernode = info.supernode;
             host.last_seen = now;
             return slot;
         }
@@ -821,6 +833,7 @@ impl Hosts {
         self.slots[slot as usize] = Some(Host {
             id: info.id,
             addr: info.addr,
+            supernode: info.supernode,
             last_seen: now,
             reported_uploads: 0,
             uploads: Vec::new(),

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::metrics::SupernodeMetrics;
@@ -14,6 +15,7 @@ use crate::mesh::api::{
     JoinResponse, LeaveRequest, LeaveResponse, RegisterRequest, RegisterResponse, ReportRequest,
     ReportResponse, ScheduleRequest, ScheduleResponse,
 };
+use crate::store::Digest;
 
 /// The Supernode gRPC service over one shared [`Scheduler`]. Clones share it.
 #[derive(Clone)]
@@ -25,16 +27,24 @@ struct Shared {
     config: SchedulerConfig,
     scheduler: Mutex<Scheduler>,
     metrics: SupernodeMetrics,
+    /// Told of every blob that gets an ingester (the repo copies them).
+    new_blobs: Option<mpsc::UnboundedSender<(Digest, u64)>>,
 }
 
 impl SupernodeService {
-    /// A service with an empty scheduler, counting into `metrics`.
-    pub fn new(config: SchedulerConfig, metrics: SupernodeMetrics) -> Self {
+    /// A service with an empty scheduler, counting into `metrics`, and
+    /// telling `new_blobs` of each blob the mesh starts fetching.
+    pub fn new(
+        config: SchedulerConfig,
+        metrics: SupernodeMetrics,
+        new_blobs: Option<mpsc::UnboundedSender<(Digest, u64)>>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 scheduler: Mutex::new(Scheduler::new(config.clone())),
                 config,
                 metrics,
+                new_blobs,
             }),
         }
     }
@@ -69,6 +79,11 @@ impl SupernodeService {
         for event in &events {
             metrics.record(event);
             log(event);
+            if let (Some(new_blobs), Event::IngesterElected { digest, size, .. }) =
+                (&self.shared.new_blobs, event)
+            {
+                let _ = new_blobs.send((digest.clone(), *size));
+            }
         }
         result
     }
@@ -159,7 +174,7 @@ fn answer<T>(result: Result<T, SchedulerError>) -> Result<Response<T>, Status> {
 /// One log line per event: how operators follow the mesh.
 fn log(event: &Event) {
     match event {
-        Event::IngesterElected { digest, host } => {
+        Event::IngesterElected { digest, host, .. } => {
             tracing::info!(%digest, %host, "ingester elected: fetches the blob from the registry")
         }
         Event::TakeOver {
@@ -202,7 +217,11 @@ mod tests {
     use tonic::Code;
 
     fn service() -> SupernodeService {
-        SupernodeService::new(SchedulerConfig::default(), SupernodeMetrics::default())
+        SupernodeService::new(
+            SchedulerConfig::default(),
+            SupernodeMetrics::default(),
+            None,
+        )
     }
 
     fn join(host_id: &str, digest: &str) -> Request<JoinRequest> {
@@ -225,11 +244,12 @@ mod tests {
                 id: "a".into(),
                 ip: "127.0.0.1".into(),
                 upload_port: 1,
+                supernode: false,
             }),
             blobs: vec![],
         };
         service.register(Request::new(register)).await.unwrap();
-        let digest = crate::store::Digest::of(b"x").to_string();
+        let digest = Digest::of(b"x").to_string();
 
         assert_eq!(
             code(service.join(join("a", "sha256:x")).await),

@@ -18,6 +18,8 @@ pub(crate) struct HostInfo {
     pub(crate) id: String,
     /// `ip:port` of its piece server.
     pub(crate) addr: String,
+    /// A supernode's seeding peer.
+    pub(crate) supernode: bool,
 }
 
 /// What a daemon holds of one blob.
@@ -63,6 +65,7 @@ pub(crate) fn host(host: Option<&api::Host>) -> Result<HostInfo, SchedulerError>
     Ok(HostInfo {
         id,
         addr: SocketAddr::new(ip, port).to_string(),
+        supernode: host.supernode,
     })
 }
 
@@ -174,6 +177,7 @@ mod tests {
             id: "node-1".into(),
             ip: "::1".into(),
             upload_port: 65002,
+            supernode: false,
         };
         assert_eq!(host(Some(&good)).unwrap().addr, "[::1]:65002");
         for bad in [

@@ -70,6 +70,7 @@ impl Mesh {
                 id: id.into(),
                 ip: "10.0.0.1".into(),
                 upload_port: 65002,
+                supernode: false,
             }),
             blobs,
         };
@@ -221,6 +222,7 @@ fn first_joiner_ingests_later_ones_download_and_a_restarted_ingester_ingests_aga
         mesh.events(),
         [Event::IngesterElected {
             digest: blob(),
+            size: SIZE as u64,
             host: "a".into()
         }]
     );
@@ -300,6 +302,7 @@ fn requests_are_validated() {
             id: "c".into(),
             ip: ip.into(),
             upload_port: port,
+            supernode: false,
         }),
         blobs: vec![],
     };
@@ -938,4 +941,33 @@ fn a_freshly_started_scheduler_elects_no_ingester_during_recovery() {
     assert!(!mesh.schedule("a", [0]).take_over);
     mesh.pass(3, &["a"]);
     assert!(mesh.schedule("a", [0]).take_over);
+}
+
+#[test]
+fn a_supernode_repo_never_ingests_and_is_named_as_such_to_downloaders() {
+    let mut mesh = Mesh::new();
+    let repo = RegisterRequest {
+        host: Some(api::Host {
+            id: "repo".into(),
+            ip: "10.0.0.9".into(),
+            upload_port: 8001,
+            supernode: true,
+        }),
+        blobs: vec![],
+    };
+    mesh.scheduler.register(&repo, mesh.now).unwrap();
+    // First to want the blob, yet no registry fetch, now or as a take-over.
+    assert_eq!(mesh.join("repo"), Role::Download);
+    assert!(!mesh.schedule("repo", [0]).take_over);
+    // The next node to want it is elected.
+    mesh.register("a", vec![]);
+    assert_eq!(mesh.join("a"), Role::Ingest);
+
+    mesh.register("b", vec![]);
+    mesh.join("b");
+    mesh.announce("repo", held(0..PIECES, true)).unwrap();
+    let response = mesh.schedule("b", [0]);
+    let parent = response.assignments[0].parent.as_ref().unwrap();
+    assert_eq!(parent.host_id, "repo");
+    assert!(parent.supernode);
 }

@@ -1,0 +1,181 @@
+//! The supernode's repo: a content store of its own (the same layout as a
+//! node's) that takes a copy of every blob the mesh starts fetching from a
+//! registry, by downloading it from the peers like any node would, and then
+//! offers it as a peer (pieces logged `source="supernode"` by downloaders).
+//! The copy outlives the nodes that pulled the blob: a node that joins the
+//! cluster later, or that pruned the image, still gets it inside the
+//! cluster. The repo never fetches from a registry itself (the scheduler
+//! never elects it), keeps at most `max_bytes`, and evicts the blobs
+//! committed longest ago first.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::block_in_place;
+
+use crate::mesh::api::Role;
+use crate::mesh::downloader::{DownloadEnd, download};
+use crate::mesh::piece::piece_size;
+use crate::mesh::session::seed_verified_prefix;
+use crate::mesh::{Mesh, MeshConfig};
+use crate::store::{Digest, Store};
+
+/// Blobs copied at the same time.
+const CONCURRENT_COPIES: usize = 4;
+
+/// How the repo is set up.
+#[derive(Debug, Clone)]
+pub struct RepoConfig {
+    /// The repo's content store.
+    pub dir: PathBuf,
+    /// Most bytes of blobs kept; the oldest go first.
+    pub max_bytes: u64,
+    /// Its place in the mesh (`supernode: true`).
+    pub mesh: MeshConfig,
+}
+
+/// The repo: its store, its mesh peer, and the copies in progress.
+pub struct Repo {
+    store: Arc<Store>,
+    mesh: Arc<Mesh>,
+    max_bytes: u64,
+    copying: Mutex<HashSet<Digest>>,
+    slots: Semaphore,
+}
+
+impl Repo {
+    /// Opens the repo's store and joins the mesh as a seeding peer.
+    pub async fn start(config: RepoConfig) -> anyhow::Result<Arc<Self>> {
+        let store = tokio::task::spawn_blocking({
+            let dir = config.dir.clone();
+            move || Store::open(&dir)
+        })
+        .await?
+        .with_context(|| format!("open the repo in {}", config.dir.display()))?;
+        let mesh = Mesh::start(config.mesh, store.clone()).await?;
+        tracing::info!(dir = %config.dir.display(), max_bytes = config.max_bytes, "repo open");
+        Ok(Arc::new(Self {
+            store,
+            mesh,
+            max_bytes: config.max_bytes,
+            copying: Mutex::new(HashSet::new()),
+            slots: Semaphore::new(CONCURRENT_COPIES),
+        }))
+    }
+
+    /// Copies every blob named on `new_blobs` (digest and size), until the
+    /// channel closes.
+    pub async fn copy_all(self: Arc<Self>, mut new_blobs: mpsc::UnboundedReceiver<(Digest, u64)>) {
+        while let Some((digest, size)) = new_blobs.recv().await {
+            if size > self.max_bytes || self.store.blob_path(&digest).exists() {
+                continue;
+            }
+            if !self.copying.lock().expect("copying").insert(digest.clone()) {
+                continue;
+            }
+            let repo = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = repo.copy(&digest, size).await {
+                    tracing::warn!(%digest, error = %e, "repo: could not copy the blob");
+                }
+                repo.copying.lock().expect("copying").remove(&digest);
+            });
+        }
+    }
+
+    /// Downloads one blob from its peers into the repo and offers it.
+    async fn copy(&self, digest: &Digest, size: u64) -> anyhow::Result<()> {
+        let _slot = self.slots.acquire().await?;
+        let reference = format!("repo/{digest}");
+        let mut ingest = block_in_place(|| {
+            self.store
+                .writer(&reference, size as i64, Some(digest.clone()))
+        })?;
+        let Some((Role::Download, supernode)) = self.mesh.join(digest, size as i64).await else {
+            anyhow::bail!("the supernode did not offer the blob for download");
+        };
+        let task =
+            self.mesh
+                .tasks
+                .start(digest.clone(), size, piece_size(size), ingest.data_path());
+        let end = async {
+            block_in_place(|| seed_verified_prefix(&task, &mut ingest))?;
+            download(&self.mesh, &task, &mut ingest, &supernode).await
+        }
+        .await;
+        self.mesh.tasks.finish(&task);
+        match end? {
+            DownloadEnd::Complete => {
+                block_in_place(|| ingest.commit(size as i64, Some(digest), HashMap::new()))?;
+                drop(ingest);
+                tracing::info!(%digest, size, "repo: blob stored; offered to peers");
+                self.mesh.committed(&task).await;
+                let evicted = block_in_place(|| evict_oldest(&self.store, self.max_bytes, digest))?;
+                if !evicted.is_empty() {
+                    self.mesh.deleted();
+                }
+                Ok(())
+            }
+            other => {
+                drop(ingest);
+                block_in_place(|| self.store.abort(&reference))?;
+                anyhow::bail!("download ended with {other:?}")
+            }
+        }
+    }
+}
+
+/// Deletes the blobs of `store` committed longest ago (but never `keep`)
+/// until it holds at most `max_bytes`; returns what it deleted.
+fn evict_oldest(store: &Store, max_bytes: u64, keep: &Digest) -> anyhow::Result<Vec<Digest>> {
+    let mut blobs = store.list()?;
+    let mut total: u64 = blobs.iter().map(|b| b.size as u64).sum();
+    blobs.sort_by_key(|b| b.created_at);
+    let mut evicted = Vec::new();
+    for blob in blobs {
+        if total <= max_bytes {
+            break;
+        }
+        if blob.digest == *keep {
+            continue;
+        }
+        store.delete(&blob.digest)?;
+        total -= blob.size as u64;
+        tracing::info!(digest = %blob.digest, size = blob.size, "repo: evicted");
+        evicted.push(blob.digest);
+    }
+    Ok(evicted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_drops_the_oldest_blobs_but_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let commit = |name: &str, bytes: &[u8]| {
+            let mut ingest = store.writer(name, 0, None).unwrap();
+            ingest.write(0, bytes).unwrap();
+            let digest = ingest.commit(0, None, HashMap::new()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            digest
+        };
+        let old = commit("old", &[1; 100]);
+        let middle = commit("middle", &[2; 100]);
+        let new = commit("new", &[3; 100]);
+
+        assert!(evict_oldest(&store, 300, &new).unwrap().is_empty());
+        assert_eq!(
+            evict_oldest(&store, 250, &new).unwrap(),
+            std::slice::from_ref(&old)
+        );
+        // The blob just stored stays even when it alone is over the cap.
+        assert_eq!(evict_oldest(&store, 50, &new).unwrap(), [middle]);
+        assert!(store.info(&new).is_ok() && store.info(&old).is_err());
+    }
+}
