@@ -527,6 +527,7 @@ out.append("")
 out.append("| mode | p50 node s | max node s | max / ideal | registry egress (copies) | cache egress (copies) | load before → after |")
 out.append("|---|---|---|---|---|---|---|")
 per_node = []
+fetch_rows = []
 
 def go_secs(d):  # a Go duration as ctr prints it: 1m2.5s, 3.2s, 176.4ms
     if d == "?":
@@ -546,6 +547,17 @@ for m in modes:
     out.append(f"| {label[mode]} | {statistics.median(t):.2f} | {max(t):.2f} | {max(t) / ideal:.2f} | "
                f"{reg:.2f} | {cache} | {lb} → {la} |")
     per_node.append(f"| {mode} | " + " | ".join(f"{float(r[1]):.2f} ({go_secs(r[3])})" for r in rows) + " |")
+    unpack = [float(go_secs(r[3])) for r in rows if go_secs(r[3]) != "?"]
+    if len(unpack) == len(rows):
+        fetch = [float(r[1]) - u for r, u in zip(rows, unpack)]
+        fetch_rows.append(f"| {label[mode]} | {statistics.median(fetch):.2f} | {max(fetch):.2f} | "
+                          f"{max(fetch) / ideal:.2f} | {statistics.median(unpack):.2f} | {max(unpack):.2f} |")
+out.append("")
+out.append("Fetch phase only (each node's wall time minus ctr's `done:` figure, the unpack; what the distribution itself took):")
+out.append("")
+out.append("| mode | p50 fetch s | max fetch s | max fetch / ideal | p50 unpack s | max unpack s |")
+out.append("|---|---|---|---|---|---|")
+out += fetch_rows
 out.append("")
 out.append("Per node: wall time s (in parentheses ctr's own `done:` figure, the unpack's duration):")
 out.append("")
@@ -570,18 +582,19 @@ if "c" in modes:
     out.append("")
     out.append("Where each node's pieces came from (dfdaemon log lines `downloading piece … source=`), its link's bytes, and the mesh events in its log:")
     out.append("")
-    out.append("| node | pieces from peers | pieces from registry | rx MiB | tx MiB | downloading from peers | ingesting from the registry | took over | mesh stalled |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out.append("| node | pieces from peers | from the supernode's repo | from registry | rx MiB | tx MiB | downloading from peers | ingesting from the registry | took over | mesh stalled |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for i in range(1, nodes + 1):
         text = open(os.path.join(logs, f"dfdaemon-n{i}.log"), errors="replace").read()
         lines = text.splitlines()
         piece = [l for l in lines if "downloading piece" in l]
         peer = sum(1 for l in piece if re.search(r'source="?peer', l))
         regp = sum(1 for l in piece if re.search(r'source="?registry', l))
+        supp = sum(1 for l in piece if re.search(r'source="?supernode', l))
         c = lambda s: sum(1 for l in lines if s in l)
         tx = delta("damselfly", f"n{i}", 0) / MiB
         rx = delta("damselfly", f"n{i}", 1) / MiB
-        out.append(f"| n{i} | {peer} | {regp} | {rx:.0f} | {tx:.0f} | {c('downloading from peers')} | "
+        out.append(f"| n{i} | {peer} | {supp} | {regp} | {rx:.0f} | {tx:.0f} | {c('downloading from peers')} | "
                    f"{c('ingesting from the registry')} | {c('elected to take over')} | {c('mesh download stalled')} |")
 
 out.append("")

@@ -20,7 +20,11 @@
 #      garbage collector deleting its unshared blobs from dfdaemon's store;
 #   4. prints dfdaemon's log and removes everything it made (processes,
 #      overlay mounts, the temp dir), on success, failure or Ctrl-C,
-#      unless --keep.
+#      unless --keep;
+#   5. shows the mesh: bench/mesh-rollout.sh with 4 nodes (each a network
+#      namespace with its own containerd and dfdaemon; registry and
+#      supernode in their own) pulling a 256 MiB image at the same moment,
+#      and reports where every piece came from and what the registry sent.
 # It exits non-zero if any step fails. Nothing outside the temp dir is
 # touched apart from the package installation and the build.
 set -euo pipefail
@@ -137,12 +141,12 @@ apt_install() {
     apt-get install -y "$@"
 }
 missing=()
-for cmd in containerd ctr docker-registry skopeo protoc zstd python3; do
+for cmd in containerd ctr docker-registry skopeo protoc zstd python3 ip tc curl; do
     command -v "$cmd" >/dev/null || missing+=("$cmd")
 done
 if [[ ${#missing[@]} -gt 0 ]]; then
     say "missing: ${missing[*]}; installing with apt-get"
-    pkgs=(containerd docker-registry skopeo protobuf-compiler zstd)
+    pkgs=(containerd docker-registry skopeo protobuf-compiler zstd iproute2 curl)
     command -v python3 >/dev/null || pkgs+=(python3) # test-images/ needs it
     apt_install "${pkgs[@]}"
     # Debian starts the system containerd on installation; the demo runs its
@@ -442,4 +446,12 @@ stop_pid containerd "$containerd_pid" "$dir"
 stop_pid dfdaemon "$dfdaemon_pid" "$dir"
 step "dfdaemon's log (its stderr)"
 indent <"$dir/dfdaemon.log"
+
+step "The mesh: 4 nodes pull a new 256 MiB image at the same moment"
+say "Each node is a network namespace with its own containerd and dfdaemon; the" \
+    "registry and the supernode have namespaces of their own (links 1 Gbit/s)." \
+    "bench/mesh-rollout.sh builds it, pulls, reports, and removes it all."
+"$repo/bench/mesh-rollout.sh" --nodes 4 --mbit 1000 --modes c | indent
+say "" "registry egress ~1.00 copies: each layer came from the registry once;" \
+    "the other nodes got its pieces from peers and from the supernode's repo."
 step "Done; removing $dir"
