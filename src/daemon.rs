@@ -65,7 +65,7 @@ async fn serve_metrics(addr: SocketAddr, mesh: &Arc<Mesh>) {
         }
     };
     let mut registry = Registry::with_prefix("damselfly");
-    registry.register_collector(Box::new(MeshCollector::new(mesh.clone())));
+    registry.register_collector(Box::new(MeshCollector::new(mesh.clone(), "dfdaemon")));
     tokio::spawn(async move {
         if let Err(e) = metrics::serve(listener, Arc::new(registry), std::future::pending()).await {
             tracing::warn!(error = %e, "metrics server stopped");

@@ -851,6 +851,41 @@ fn supernode_repo_serves_blobs_after_the_nodes_that_had_them_are_gone() {
         sent < small + (layer_bytes / 10),
         "the registry sent {sent} bytes: layers came from it"
     );
+    // The metrics tell the same story on both sides.
+    let sn = net.host("supernode");
+    let repo_metrics = scrape(sn, &format!("{}:8003", sn.ip()));
+    let b_metrics = scrape(net.host("b"), "127.0.0.1:65003");
+    let served = metric(&repo_metrics, "supernode_repo_served_bytes_total");
+    let received = metric(
+        &b_metrics,
+        r#"dfdaemon_received_bytes_total{source="supernode"}"#,
+    );
+    eprintln!("repo served {served} bytes; b received {received} from it");
+    assert_eq!(received, layer_bytes, "b's bytes from the supernode");
+    assert!(served >= layer_bytes, "the repo's served bytes");
+}
+
+/// `/metrics` of the server at `addr`, fetched from inside `host`.
+fn scrape(host: &Host, addr: &str) -> String {
+    let out = host
+        .command("curl")
+        .args(["-fsS", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "scrape {addr}: {out:?}");
+    String::from_utf8(out.stdout).expect("metrics are text")
+}
+
+/// The value of the sample named exactly `sample` (with its labels; the
+/// `damselfly_` namespace left out).
+fn metric(text: &str, sample: &str) -> u64 {
+    text.lines()
+        .map(|l| l.strip_prefix("damselfly_").unwrap_or(l))
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {sample} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{sample}: {e}"))
 }
 
 // ---------------------------------------------------------------------------

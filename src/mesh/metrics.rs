@@ -1,5 +1,6 @@
-//! dfdaemon's Prometheus metrics: read at scrape time from the counters the
-//! mesh keeps anyway (so the hot paths only bump atomics).
+//! The Prometheus metrics of a mesh peer (dfdaemon's, and the supernode
+//! repo's): read at scrape time from the counters the mesh keeps anyway (so
+//! the hot paths only bump atomics).
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,11 +16,17 @@ use super::Mesh;
 /// Encodes the mesh's counters and gauges on each scrape.
 pub struct MeshCollector {
     mesh: Arc<Mesh>,
+    /// What the metric names start with: `dfdaemon` or `supernode_repo`.
+    subsystem: &'static str,
 }
 
 impl MeshCollector {
-    pub fn new(mesh: Arc<Mesh>) -> Self {
-        Self { mesh }
+    pub fn new(mesh: Arc<Mesh>, subsystem: &'static str) -> Self {
+        Self { mesh, subsystem }
+    }
+
+    fn name(&self, metric: &str) -> String {
+        format!("{}_{metric}", self.subsystem)
     }
 }
 
@@ -66,7 +73,7 @@ impl Collector for MeshCollector {
         let uploads = &self.mesh.piece_server.stats;
         labelled_counter(
             &mut encoder,
-            "dfdaemon_received_bytes",
+            &self.name("received_bytes"),
             "Blob bytes written into this node's store, by where they came from",
             "source",
             &[
@@ -77,25 +84,25 @@ impl Collector for MeshCollector {
         )?;
         counter(
             &mut encoder,
-            "dfdaemon_pieces_fetched",
+            &self.name("pieces_fetched"),
             "Pieces fetched from peers and verified",
             load(&stats.pieces_fetched),
         )?;
         counter(
             &mut encoder,
-            "dfdaemon_pieces_served",
+            &self.name("pieces_served"),
             "Pieces uploaded to peers",
             load(&uploads.pieces),
         )?;
         counter(
             &mut encoder,
-            "dfdaemon_served_bytes",
+            &self.name("served_bytes"),
             "Bytes uploaded to peers",
             load(&uploads.bytes),
         )?;
         labelled_counter(
             &mut encoder,
-            "dfdaemon_failures",
+            &self.name("failures"),
             "Mesh failures by kind (each one falls back, never fails a pull)",
             "kind",
             &[
@@ -108,13 +115,13 @@ impl Collector for MeshCollector {
         )?;
         gauge(
             &mut encoder,
-            "dfdaemon_active_tasks",
+            &self.name("active_tasks"),
             "Blobs this node is writing through the mesh",
             self.mesh.tasks.len() as i64,
         )?;
         gauge(
             &mut encoder,
-            "dfdaemon_upload_slots_in_use",
+            &self.name("upload_slots_in_use"),
             "Piece uploads running now",
             self.mesh.piece_server.uploads_in_use() as i64,
         )?;

@@ -27,12 +27,11 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::mesh::MeshConfig;
 use crate::mesh::api::supernode_server::SupernodeServer;
-use crate::store::Digest;
+use crate::mesh::metrics::MeshCollector;
 use metrics::SupernodeMetrics;
 use repo::{Repo, RepoConfig};
 use scheduler::SchedulerConfig;
 use service::SupernodeService;
-use tokio::sync::mpsc::UnboundedSender;
 
 /// The repo serves many nodes at once: more upload slots than a node's.
 const REPO_UPLOAD_SLOTS: usize = 32;
@@ -96,43 +95,53 @@ pub async fn run(mut config: SupernodeConfig) -> anyhow::Result<()> {
         recovery_ms = config.scheduler.recovery.as_millis() as u64,
         "supernode starting"
     );
-    let new_blobs = if config.repo_max_bytes > 0 {
-        let (tell, told) = tokio::sync::mpsc::unbounded_channel();
-        let repo = Repo::start(RepoConfig {
-            dir: config.data_dir.join("repo"),
-            max_bytes: config.repo_max_bytes,
-            mesh: MeshConfig {
-                supernodes: vec![
-                    SocketAddr::new(config.advertise_ip, config.listen.port()).to_string(),
-                ],
-                advertise_ip: config.advertise_ip,
-                upload_port: config.upload_port,
-                upload_slots: REPO_UPLOAD_SLOTS,
-                download_parallelism: REPO_DOWNLOAD_PARALLELISM,
-                stall_timeout: REPO_STALL_TIMEOUT,
-                supernode: true,
-            },
-        })
-        .await?;
-        tokio::spawn(repo.copy_all(told));
-        Some(tell)
+    let repo = if config.repo_max_bytes > 0 {
+        Some(
+            Repo::start(RepoConfig {
+                dir: config.data_dir.join("repo"),
+                max_bytes: config.repo_max_bytes,
+                mesh: MeshConfig {
+                    supernodes: vec![
+                        SocketAddr::new(config.advertise_ip, config.listen.port()).to_string(),
+                    ],
+                    advertise_ip: config.advertise_ip,
+                    upload_port: config.upload_port,
+                    upload_slots: REPO_UPLOAD_SLOTS,
+                    download_parallelism: REPO_DOWNLOAD_PARALLELISM,
+                    stall_timeout: REPO_STALL_TIMEOUT,
+                    supernode: true,
+                },
+            })
+            .await?,
+        )
     } else {
         None
     };
-    serve(config.scheduler, grpc, metrics, new_blobs, terminated()).await
+    serve(config.scheduler, grpc, metrics, repo, terminated()).await
 }
 
 /// Serves the gRPC API on `grpc` and the metrics on `metrics` until
-/// `shutdown` completes, expiring silent hosts every heartbeat interval.
+/// `shutdown` completes, expiring silent hosts every heartbeat interval, and
+/// has `repo` (if any) copy each new blob.
 pub async fn serve(
     config: SchedulerConfig,
     grpc: TcpListener,
     metrics: TcpListener,
-    new_blobs: Option<UnboundedSender<(Digest, u64)>>,
+    repo: Option<Arc<Repo>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let grpc_addr = grpc.local_addr().context("gRPC listener address")?;
     let mut registry = Registry::default();
+    let new_blobs = repo.map(|repo| {
+        let damselfly = registry.sub_registry_with_prefix("damselfly");
+        damselfly.register_collector(Box::new(MeshCollector::new(
+            repo.mesh().clone(),
+            "supernode_repo",
+        )));
+        let (tell, told) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(repo.copy_all(told));
+        tell
+    });
     let service = SupernodeService::new(
         config.clone(),
         SupernodeMetrics::register(&mut registry),

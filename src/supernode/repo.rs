@@ -66,6 +66,11 @@ impl Repo {
         }))
     }
 
+    /// The repo's place in the mesh.
+    pub fn mesh(&self) -> &Arc<Mesh> {
+        &self.mesh
+    }
+
     /// Copies every blob named on `new_blobs` (digest and size), until the
     /// channel closes.
     pub async fn copy_all(self: Arc<Self>, mut new_blobs: mpsc::UnboundedReceiver<(Digest, u64)>) {
