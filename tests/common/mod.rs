@@ -619,9 +619,19 @@ disabled_plugins = ["io.containerd.content.v1.content"]
     /// Waits until containerd reaches its content plugin again: after the
     /// plugin restarts, containerd's gRPC client reconnects with a backoff of
     /// up to 3 s, and calls fail with Unavailable meanwhile.
+    /// Waits until containerd reaches dfdaemon again after a restart of
+    /// either (its client reconnects with a backoff of a few seconds).
+    /// `content ls` alone answers from containerd's own metadata, so a blob
+    /// it lists is read back too: only that goes to dfdaemon.
     pub fn wait_for_plugin(&self) {
         wait_for("containerd to reconnect to dfdaemon", STARTUP, || {
-            self.ctr(&["content", "ls", "-q"]).status.success()
+            let listed = self.ctr(&["content", "ls", "-q"]);
+            let text = String::from_utf8_lossy(&listed.stdout);
+            listed.status.success()
+                && text
+                    .split_whitespace()
+                    .next()
+                    .is_none_or(|digest| self.ctr(&["content", "get", digest]).status.success())
         });
     }
 
