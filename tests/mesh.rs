@@ -984,24 +984,8 @@ fn start_node(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     env.insert(0, ("RUST_LOG".into(), DFDAEMON_LOG.into()));
-    let dfdaemon = Dfdaemon::start_in_with_env(
-        scratch,
-        &format!("{name}-dfdaemon"),
-        Some(host),
-        vec!["--config".into(), config.display().to_string()],
-        env,
-    );
-    let containerd = Containerd::start_in(
-        scratch,
-        &format!("{name}-containerd"),
-        Some(host),
-        &dfdaemon.socket,
-        &registry.host,
-    );
-    Node {
-        containerd,
-        dfdaemon,
-    }
+    let args = vec!["--config".into(), config.display().to_string()];
+    Node::start_in_with_env(scratch, host, registry, args, env)
 }
 
 fn start_nodes(

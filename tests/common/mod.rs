@@ -704,12 +704,24 @@ impl Node {
         registry: &Registry,
         dfdaemon_args: Vec<String>,
     ) -> Self {
+        Self::start_in_with_env(scratch, host, registry, dfdaemon_args, Vec::new())
+    }
+
+    /// Like [`Node::start_in`], with environment `env` for dfdaemon.
+    pub fn start_in_with_env(
+        scratch: &Scratch,
+        host: &Host,
+        registry: &Registry,
+        dfdaemon_args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let name = host.name();
-        let dfdaemon = Dfdaemon::start_in(
+        let dfdaemon = Dfdaemon::start_in_with_env(
             scratch,
             &format!("{name}-dfdaemon"),
             Some(host),
             dfdaemon_args,
+            env,
         );
         let containerd = Containerd::start_in(
             scratch,
