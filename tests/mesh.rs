@@ -68,11 +68,7 @@ fn four_nodes_pulling_at_once_fetch_the_image_from_the_registry_once() {
     let sent = net.host("registry").tx_bytes() - sent_before;
 
     for (i, result) in results.iter().enumerate() {
-        let time = result
-            .as_ref()
-            .unwrap_or_else(|e| panic!("{}: {e}", NODES[i]));
-        eprintln!("{} pulled in {:.1} s", NODES[i], time.as_secs_f64());
-        assert_holds_image(NODES[i], &nodes[i].dfdaemon, image);
+        assert_pulled(NODES[i], result, &nodes[i], image);
     }
     let (layers, small) = image_bytes(image);
     eprintln!(
@@ -168,11 +164,7 @@ fn ingester_killed_halfway_another_node_takes_over_from_its_own_offset() {
     );
 
     for (i, result) in results.iter().enumerate() {
-        let time = result
-            .as_ref()
-            .unwrap_or_else(|e| panic!("{}: {e}", NODES[i]));
-        eprintln!("{} pulled in {:.1} s", NODES[i], time.as_secs_f64());
-        assert_holds_image(NODES[i], &nodes[i].dfdaemon, image);
+        assert_pulled(NODES[i], result, &nodes[i], image);
     }
     let takers: Vec<usize> = (0..NODES.len())
         .filter(|&i| i != ingester)
@@ -271,9 +263,7 @@ fn serving_peer_killed_downloaders_switch_to_other_holders() {
     let sent = net.host("registry").tx_bytes() - sent_before;
 
     for (i, result) in (2..4).zip(results) {
-        let time = result.unwrap_or_else(|e| panic!("{}: {e}", NODES[i]));
-        eprintln!("{} pulled in {:.1} s", NODES[i], time.as_secs_f64());
-        assert_holds_image(NODES[i], &nodes[i].dfdaemon, image);
+        assert_pulled(NODES[i], &result, &nodes[i], image);
         let log = nodes[i].dfdaemon.log_text();
         assert!(
             !log[marks[i]..].contains(INGESTING),
@@ -337,9 +327,7 @@ fn corrupt_peer_is_rejected_and_dropped_and_content_stays_correct() {
         .into_iter()
         .enumerate()
     {
-        let time = result.unwrap_or_else(|e| panic!("{}: {e}", NODES[i + 1]));
-        eprintln!("{} pulled in {:.1} s", NODES[i + 1], time.as_secs_f64());
-        assert_holds_image(NODES[i + 1], &good[i].dfdaemon, image);
+        assert_pulled(NODES[i + 1], &result, &good[i], image);
     }
     assert_holds_image("bad", &bad.dfdaemon, image);
 
@@ -474,11 +462,7 @@ fn supernode_restarted_during_pulls_the_mesh_works_again() {
         supernode.restart();
     });
     for (i, result) in results.iter().enumerate() {
-        let time = result
-            .as_ref()
-            .unwrap_or_else(|e| panic!("{}: {e}", NODES[i]));
-        eprintln!("{} pulled in {:.1} s", NODES[i], time.as_secs_f64());
-        assert_holds_image(NODES[i], &nodes[i].dfdaemon, image);
+        assert_pulled(NODES[i], result, &nodes[i], image);
         let log = nodes[i].dfdaemon.log_text();
         for gave_up in ["mesh download stalled", "elected to take over"] {
             assert!(!log.contains(gave_up), "{}: {gave_up}", NODES[i]);
@@ -698,11 +682,7 @@ fn daemon_restarted_mid_pull_resumes_and_serves_what_it_holds() {
     };
     eprintln!("d had stored {held_before} pieces of the big layer from its start at the kill");
     for (i, result) in [(1, &d_result), (2, f_result.as_ref().unwrap())] {
-        let time = result
-            .as_ref()
-            .unwrap_or_else(|e| panic!("{}: {e}", NODES[i]));
-        eprintln!("{} pulled in {:.1} s", NODES[i], time.as_secs_f64());
-        assert_holds_image(NODES[i], &nodes[i].dfdaemon, image);
+        assert_pulled(NODES[i], result, &nodes[i], image);
     }
     let kept = (u64::from(held_before) * PIECE).min(big.size);
     let d_log = nodes[1].dfdaemon.log_text();
@@ -1098,6 +1078,14 @@ fn wait_for_value<T>(what: &str, seconds: u64, mut value: impl FnMut() -> Option
 
 /// Every blob of the image's linux/amd64 pull is committed in the dfdaemon's
 /// store and hashes to its digest.
+/// `name`'s pull succeeded (its time is printed) and its dfdaemon holds
+/// every blob of `image`.
+fn assert_pulled(name: &str, result: &Result<Duration, String>, node: &Node, image: &CatalogImage) {
+    let time = result.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+    eprintln!("{name} pulled in {:.1} s", time.as_secs_f64());
+    assert_holds_image(name, &node.dfdaemon, image);
+}
+
 fn assert_holds_image(name: &str, dfdaemon: &Dfdaemon, image: &CatalogImage) {
     for blob in image.amd64_blobs() {
         let path = dfdaemon.blob_path(&blob.digest);
