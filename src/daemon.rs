@@ -7,13 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::signal::unix::{SignalKind, signal};
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::mesh::metrics::MeshCollector;
 use crate::mesh::{Mesh, MeshConfig};
+use crate::shutdown::terminated;
 use crate::{metrics, plugin, store::Store};
 
 /// What dfdaemon needs to run.
@@ -71,14 +71,4 @@ async fn serve_metrics(addr: SocketAddr, mesh: &Arc<Mesh>) {
             tracing::warn!(error = %e, "metrics server stopped");
         }
     });
-}
-
-/// Completes on the first SIGINT or SIGTERM.
-async fn terminated() {
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
 }

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod mesh;
 pub mod metrics;
 pub mod plugin;
+pub mod shutdown;
 pub mod store;
 pub mod supernode;
 pub mod telemetry;

@@ -21,13 +21,13 @@ use anyhow::Context;
 use futures::FutureExt;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::mesh::MeshConfig;
 use crate::mesh::api::supernode_server::SupernodeServer;
 use crate::mesh::metrics::MeshCollector;
+use crate::shutdown::terminated;
 use metrics::SupernodeMetrics;
 use repo::{Repo, RepoConfig};
 use scheduler::SchedulerConfig;
@@ -170,16 +170,6 @@ pub async fn serve(
     let served = tokio::try_join!(grpc_server, metrics_server);
     expiry.abort();
     served.map(|_| ())
-}
-
-/// Completes on the first SIGINT or SIGTERM.
-async fn terminated() {
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
 }
 
 #[cfg(test)]
