@@ -32,6 +32,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$here/lib.sh"
 cmdline="$0${*:+ $*}"
 
 set_name=bench
@@ -66,25 +68,12 @@ for tool in containerd ctr docker-registry skopeo python3 curl; do
 done
 [[ -x $dfdaemon ]] || { echo "no dfdaemon at $dfdaemon (cargo build --release)" >&2; exit 1; }
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "FAIL: $*"; exit 1; }
 
 # ---------------------------------------------------------------- cleanup ---
 
 tmp=
 pids=() # everything we started, stopped in reverse order
 
-stop_pid() {
-    local pid=$1 i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
 
 cleanup() {
     local rc=$? i m
@@ -196,34 +185,6 @@ for line in "${blobs[@]}"; do
 done
 log "$image: ${#all_digests[@]} blobs, ${#layer_digests[@]} layers, $pull_bytes bytes"
 
-# containerd config. $1: instance dir; $2: extra top-level TOML.
-write_containerd_config() {
-    local dir=$1 extra=$2
-    cat >"$dir/config.toml" <<EOF
-version = 2
-root = "$dir/root"
-state = "$dir/state"
-$extra
-
-[grpc]
-  address = "$dir/c.sock"
-
-[ttrpc]
-  address = "$dir/c.sock.ttrpc"
-
-[debug]
-  address = ""
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.grpc.v1.cri"]
-    stream_server_port = "0"
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "$dir/opt"
-EOF
-}
 
 start_containerd() {
     local name=$1 dir=$2
@@ -259,8 +220,6 @@ ref=$registry/$image
 
 # -------------------------------------------------------------- measuring ---
 
-now() { date +%s.%N; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 # Content of the image still known to containerd X (count of the image's blobs).
 content_left() {

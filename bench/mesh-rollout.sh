@@ -40,6 +40,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$here/lib.sh"
 cmdline="$0${*:+ $*}"
 
 nodes=8
@@ -82,8 +84,6 @@ for bin in "$dfdaemon" "$supernode"; do
     [[ -x $bin ]] || { echo "no $bin (cargo build --release)" >&2; exit 1; }
 done
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "FAIL: $*"; exit 1; }
 
 # ---------------------------------------------------------------- cleanup ---
 
@@ -92,17 +92,6 @@ pids=()       # daemons we started (pid of the process itself: ip netns exec exe
 namespaces=() # created so far, the switch first
 prefix=dmr$$
 
-stop_pid() {
-    local pid=$1 i
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
 
 # SIGKILLs whatever still runs in network namespace $1.
 kill_all_in() {
@@ -300,35 +289,6 @@ log "$image: ${#all_digests[@]} blobs, $nlayers layers, $image_bytes bytes"
 
 # ------------------------------------------------------------- containerd ---
 
-# containerd config. $1: instance dir; $2: extra top-level TOML.
-write_containerd_config() {
-    local dir=$1 extra=$2
-    mkdir -p "$dir"
-    cat >"$dir/config.toml" <<EOF
-version = 2
-root = "$dir/root"
-state = "$dir/state"
-$extra
-
-[grpc]
-  address = "$dir/c.sock"
-
-[ttrpc]
-  address = "$dir/c.sock.ttrpc"
-
-[debug]
-  address = ""
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.grpc.v1.cri"]
-    stream_server_port = "0"
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "$dir/opt"
-EOF
-}
 
 mode_pids=() # daemons of the current mode, stopped at its end
 
@@ -363,8 +323,6 @@ stop_mode() { # MODE: stops the mode's daemons, unmounts and removes its data
     rm -rf "${tmp:?}/$mode"
 }
 
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-now() { date +%s.%N; }
 
 # pull_all MODE HOSTPORT: all nodes pull HOSTPORT/$image at the same instant;
 # writes "node seconds rc unpack_seconds" lines to $tmp/logs/MODE-times.
