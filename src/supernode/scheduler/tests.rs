@@ -85,6 +85,14 @@ impl Mesh {
         }
     }
 
+    /// Registers hosts that hold nothing and has each join the blob.
+    fn joiners(&mut self, ids: &[&str]) {
+        for id in ids {
+            self.register(id, vec![]);
+            self.join(id);
+        }
+    }
+
     fn join(&mut self, id: &str) -> Role {
         let request = JoinRequest {
             host_id: id.into(),
@@ -425,10 +433,7 @@ fn a_parent_at_the_upload_cap_gets_no_more_until_reports_free_it() {
 fn while_others_wait_with_nothing_a_call_gets_few_assignments() {
     let mut mesh = Mesh::new();
     mesh.seeds(&["a"]);
-    for id in ["w", "x"] {
-        mesh.register(id, vec![]);
-        mesh.join(id);
-    }
+    mesh.joiners(&["w", "x"]);
     let first = mesh.schedule("w", 0..PIECES);
     assert_eq!(first.assignments.len(), 8);
     assert!(mesh.schedule("x", 0..PIECES).assignments.is_empty());
@@ -444,10 +449,7 @@ fn while_others_wait_with_nothing_a_call_gets_few_assignments() {
 fn pieces_on_their_way_count_towards_rarity() {
     let mut mesh = Mesh::with_cap(100);
     mesh.seeds(&["a"]);
-    for id in ["x", "y"] {
-        mesh.register(id, vec![]);
-        mesh.join(id);
-    }
+    mesh.joiners(&["x", "y"]);
     assert_eq!(
         numbers(&mesh.schedule("x", 0..PIECES)),
         (0..32).collect::<Vec<_>>()
@@ -504,10 +506,7 @@ fn reported_uploads_count_as_load() {
 fn a_bad_digest_drops_the_parent_from_the_task_for_everyone() {
     let mut mesh = Mesh::new();
     mesh.seeds(&["a", "b"]);
-    for id in ["x", "y"] {
-        mesh.register(id, vec![]);
-        mesh.join(id);
-    }
+    mesh.joiners(&["x", "y"]);
     let response = mesh.schedule("x", [0]);
     let bad = parent_of(&response.assignments[0]).to_owned();
     mesh.report("x", &[(0, &bad, Outcome::BadDigest)]);
@@ -536,10 +535,7 @@ fn a_bad_digest_drops_the_parent_from_the_task_for_everyone() {
 fn repeated_failures_drop_the_parent_for_that_downloader_only() {
     let mut mesh = Mesh::new();
     mesh.seeds(&["a"]);
-    for id in ["x", "y"] {
-        mesh.register(id, vec![]);
-        mesh.join(id);
-    }
+    mesh.joiners(&["x", "y"]);
     for _ in 0..FAILURES_TO_DROP {
         assert_eq!(parents(&mesh.schedule("x", [0])), ["a"]);
         mesh.report("x", &[(0, "a", Outcome::Failed)]);
@@ -598,10 +594,7 @@ fn silent_hosts_expire_with_their_pieces_uploads_and_ingester_role() {
 #[test]
 fn the_downloader_with_the_most_contiguous_bytes_takes_over_alone() {
     let mut mesh = Mesh::new();
-    for id in ["a", "b", "c"] {
-        mesh.register(id, vec![]);
-        mesh.join(id);
-    }
+    mesh.joiners(&["a", "b", "c"]);
     mesh.announce("a", held(0..2, false)).unwrap();
     // b and c got piece 0 and 0..2; c is furthest.
     mesh.announce("b", held([0], false)).unwrap();
@@ -638,10 +631,7 @@ fn the_downloader_with_the_most_contiguous_bytes_takes_over_alone() {
 #[test]
 fn no_take_over_while_the_wanted_pieces_or_the_blob_exist() {
     let mut mesh = Mesh::new();
-    for id in ["a", "b"] {
-        mesh.register(id, vec![]);
-        mesh.join(id);
-    }
+    mesh.joiners(&["a", "b"]);
     mesh.announce("a", held(0..2, false)).unwrap();
     mesh.leave("a");
     assert!(matches!(
@@ -676,10 +666,7 @@ fn leaving_keeps_the_announced_pieces() {
 fn assignments_time_out_after_30_seconds() {
     let mut mesh = Mesh::with_cap(1);
     mesh.seeds(&["a"]);
-    for id in ["b", "c"] {
-        mesh.register(id, vec![]);
-        mesh.join(id);
-    }
+    mesh.joiners(&["b", "c"]);
     assert_eq!(mesh.schedule("b", [0]).assignments.len(), 1);
     assert!(mesh.schedule("c", [0]).assignments.is_empty());
     mesh.pass(ASSIGNMENT_TIMEOUT.as_secs() - 1, &["a", "b", "c"]);
@@ -751,10 +738,7 @@ fn a_piece_is_on_its_way_to_at_most_as_many_downloaders_as_hold_it() {
 fn expired_downloaders_free_their_parents_upload_slots() {
     let mut mesh = Mesh::with_cap(1);
     mesh.seeds(&["a"]);
-    for id in ["b", "c"] {
-        mesh.register(id, vec![]);
-        mesh.join(id);
-    }
+    mesh.joiners(&["b", "c"]);
     assert_eq!(mesh.schedule("b", [0]).assignments.len(), 1);
     mesh.pass(4, &["a", "c"]);
     assert_eq!(mesh.scheduler.host_count(), 2);
