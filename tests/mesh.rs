@@ -15,6 +15,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::path::PathBuf;
 use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -54,10 +55,7 @@ const PULL_TIMEOUT: &str = "180s";
 #[test]
 fn four_nodes_pulling_at_once_fetch_the_image_from_the_registry_once() {
     const NODES: [&str; 4] = ["n1", "n2", "n3", "n4"];
-    let scratch = Scratch::new();
-    let _logs = KeepLogs::new(&scratch, "four_nodes");
-    let net = TestNet::new(&with_infra(&NODES));
-    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    let (scratch, _logs, net, registry) = testbed("four_nodes", &with_infra(&NODES));
     let catalog = registry.push("bench256");
     let supernode = start_supernode(&scratch, &net, "supernode");
     let nodes = start_nodes(&scratch, &net, &registry, &NODES, &[&supernode]);
@@ -106,10 +104,7 @@ fn four_nodes_pulling_at_once_fetch_the_image_from_the_registry_once() {
 #[test]
 fn ingester_killed_halfway_another_node_takes_over_from_its_own_offset() {
     const NODES: [&str; 3] = ["n1", "n2", "n3"];
-    let scratch = Scratch::new();
-    let _logs = KeepLogs::new(&scratch, "ingester_killed");
-    let net = TestNet::new(&with_infra(&NODES));
-    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    let (scratch, _logs, net, registry) = testbed("ingester_killed", &with_infra(&NODES));
     let catalog = registry.push("bench256");
     let supernode = start_supernode(&scratch, &net, "supernode");
     let mut nodes = start_nodes(&scratch, &net, &registry, &NODES, &[&supernode]);
@@ -222,10 +217,7 @@ fn ingester_killed_halfway_another_node_takes_over_from_its_own_offset() {
 #[test]
 fn serving_peer_killed_downloaders_switch_to_other_holders() {
     const NODES: [&str; 4] = ["a", "b", "c", "d"];
-    let scratch = Scratch::new();
-    let _logs = KeepLogs::new(&scratch, "serving_peer_killed");
-    let net = TestNet::new(&with_infra(&NODES));
-    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    let (scratch, _logs, net, registry) = testbed("serving_peer_killed", &with_infra(&NODES));
     let catalog = registry.push("bench256");
     let supernode = start_supernode(&scratch, &net, "supernode");
     let mut nodes = start_nodes(&scratch, &net, &registry, &NODES, &[&supernode]);
@@ -301,10 +293,7 @@ fn serving_peer_killed_downloaders_switch_to_other_holders() {
 #[test]
 fn corrupt_peer_is_rejected_and_dropped_and_content_stays_correct() {
     const NODES: [&str; 3] = ["bad", "x", "y"];
-    let scratch = Scratch::new();
-    let _logs = KeepLogs::new(&scratch, "corrupt_peer");
-    let net = TestNet::new(&with_infra(&NODES));
-    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    let (scratch, _logs, net, registry) = testbed("corrupt_peer", &with_infra(&NODES));
     let catalog = registry.push("bench256");
     let supernode = start_supernode(&scratch, &net, "supernode");
     let bad = start_node(
@@ -392,10 +381,7 @@ fn corrupt_peer_is_rejected_and_dropped_and_content_stays_correct() {
 #[test]
 fn supernode_down_before_a_pull_pulls_directly() {
     const NODES: [&str; 3] = ["plain", "down", "gone"];
-    let scratch = Scratch::new();
-    let _logs = KeepLogs::new(&scratch, "supernode_down");
-    let net = TestNet::new(&with_infra(&NODES));
-    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    let (scratch, _logs, net, registry) = testbed("supernode_down", &with_infra(&NODES));
     let catalog = registry.push("small");
     let image = catalog.image("damselfly/multi:v1");
     let reference = format!("{}/{}", registry.host, image.reference);
@@ -438,10 +424,7 @@ fn supernode_down_before_a_pull_pulls_directly() {
 #[test]
 fn supernode_restarted_during_pulls_the_mesh_works_again() {
     const NODES: [&str; 3] = ["n1", "n2", "n3"];
-    let scratch = Scratch::new();
-    let _logs = KeepLogs::new(&scratch, "supernode_restarted");
-    let net = TestNet::new(&with_infra(&NODES));
-    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    let (scratch, _logs, net, registry) = testbed("supernode_restarted", &with_infra(&NODES));
     let catalog = registry.push("bench256");
     let second = registry.push("small");
     let mut supernode = start_supernode(&scratch, &net, "supernode");
@@ -514,10 +497,10 @@ fn supernode_restarted_during_pulls_the_mesh_works_again() {
 #[test]
 fn two_supernodes_one_killed_its_tasks_move_to_the_other() {
     const NODES: [&str; 3] = ["n1", "n2", "n3"];
-    let scratch = Scratch::new();
-    let _logs = KeepLogs::new(&scratch, "two_supernodes");
-    let net = TestNet::new(&["registry", "sn1", "sn2", "n1", "n2", "n3"]);
-    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    let (scratch, _logs, net, registry) = testbed(
+        "two_supernodes",
+        &["registry", "sn1", "sn2", "n1", "n2", "n3"],
+    );
     let catalog = registry.push("small");
     let mut supernodes = [
         start_supernode(&scratch, &net, "sn1"),
@@ -596,10 +579,7 @@ fn two_supernodes_one_killed_its_tasks_move_to_the_other() {
 #[test]
 fn daemon_restarted_mid_pull_resumes_and_serves_what_it_holds() {
     const NODES: [&str; 3] = ["s", "d", "f"];
-    let scratch = Scratch::new();
-    let _logs = KeepLogs::new(&scratch, "daemon_restarted");
-    let net = TestNet::new(&with_infra(&NODES));
-    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    let (scratch, _logs, net, registry) = testbed("daemon_restarted", &with_infra(&NODES));
     let catalog = registry.push("bench256");
     let supernode = start_supernode(&scratch, &net, "supernode");
     let mut nodes = start_nodes(&scratch, &net, &registry, &NODES, &[&supernode]);
@@ -723,10 +703,8 @@ fn daemon_restarted_mid_pull_resumes_and_serves_what_it_holds() {
 #[test]
 fn restarted_daemon_serves_the_blobs_it_committed() {
     const NODES: [&str; 2] = ["a", "b"];
-    let scratch = Scratch::new();
-    let _logs = KeepLogs::new(&scratch, "restarted_serves_committed");
-    let net = TestNet::new(&with_infra(&NODES));
-    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    let (scratch, _logs, net, registry) =
+        testbed("restarted_serves_committed", &with_infra(&NODES));
     let catalog = registry.push("small");
     let supernode = start_supernode(&scratch, &net, "supernode");
     let mut nodes = start_nodes(&scratch, &net, &registry, &NODES, &[&supernode]);
@@ -773,10 +751,7 @@ fn restarted_daemon_serves_the_blobs_it_committed() {
 #[test]
 fn supernode_repo_serves_blobs_after_the_nodes_that_had_them_are_gone() {
     const NODES: [&str; 2] = ["a", "b"];
-    let scratch = Scratch::new();
-    let _logs = KeepLogs::new(&scratch, "supernode_repo");
-    let net = TestNet::new(&with_infra(&NODES));
-    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    let (scratch, _logs, net, registry) = testbed("supernode_repo", &with_infra(&NODES));
     let catalog = registry.push("small");
     let supernode = start_supernode_with(&scratch, &net, "supernode", &["--repo-max-mib", "64"]);
     let mut nodes = start_nodes(&scratch, &net, &registry, &NODES, &[&supernode]);
@@ -874,20 +849,14 @@ fn metric(text: &str, sample: &str) -> u64 {
 /// On drop, when the test failed, prints the end of each dfdaemon's and
 /// supernode's log; with `DFLY_KEEP_LOGS=<dir>`, also copies every log to
 /// `<dir>/<test>/` (the scratch dir goes away with the test).
-struct KeepLogs<'a> {
-    scratch: &'a Scratch,
+struct KeepLogs {
+    dir: PathBuf,
     test: &'static str,
 }
 
-impl<'a> KeepLogs<'a> {
-    fn new(scratch: &'a Scratch, test: &'static str) -> Self {
-        Self { scratch, test }
-    }
-}
-
-impl Drop for KeepLogs<'_> {
+impl Drop for KeepLogs {
     fn drop(&mut self) {
-        let mut logs: Vec<std::path::PathBuf> = fs::read_dir(self.scratch.path())
+        let mut logs: Vec<PathBuf> = fs::read_dir(&self.dir)
             .into_iter()
             .flatten()
             .flatten()
@@ -917,6 +886,20 @@ impl Drop for KeepLogs<'_> {
             eprintln!("logs kept in {}", dir.display());
         }
     }
+}
+
+/// What every test here starts with: a scratch dir, its logs watched (see
+/// [`KeepLogs`]), a test net of `hosts` and a registry on its "registry"
+/// host. Bound in this order, they go away in the reverse one.
+fn testbed(test: &'static str, hosts: &[&str]) -> (Scratch, KeepLogs, TestNet, Registry) {
+    let scratch = Scratch::new();
+    let logs = KeepLogs {
+        dir: scratch.path().to_owned(),
+        test,
+    };
+    let net = TestNet::new(hosts);
+    let registry = Registry::start_in(&scratch, Some(net.host("registry")));
+    (scratch, logs, net, registry)
 }
 
 /// The registry and supernode hosts, then `nodes`.
