@@ -342,6 +342,7 @@ impl Ingest {
         sync_dir(target.parent().expect("blob path has a parent"))?;
         self.file = None;
         store.remove_ingest(&reference)?;
+        store.index_committed(&reference, &digest);
         Ok(digest)
     }
 

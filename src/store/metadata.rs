@@ -10,6 +10,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::image_index::{ConfigRecord, ManifestRecord};
 use super::{Digest, StoreError};
 
 /// Committed blobs, keyed by digest string.
@@ -19,6 +20,25 @@ const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 const PIECES: TableDefinition<&str, &[u8]> = TableDefinition::new("pieces");
 /// Ingests in progress, keyed by ref.
 const INGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("ingests");
+/// The image index ([`super::image_index`]): manifests by digest.
+const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("image_manifests");
+/// Configs by digest.
+const CONFIGS: TableDefinition<&str, &[u8]> = TableDefinition::new("image_configs");
+/// Chain ID → the configs that have it, oldest first (a JSON list).
+const CHAINS: TableDefinition<&str, &[u8]> = TableDefinition::new("image_chains");
+/// Config digest → the manifests that name it, oldest first (a JSON list).
+const CONFIG_MANIFESTS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("image_config_manifests");
+/// Every table, so that opening the database makes them all.
+const TABLES: [TableDefinition<&str, &[u8]>; 7] = [
+    BLOBS,
+    PIECES,
+    INGESTS,
+    MANIFESTS,
+    CONFIGS,
+    CHAINS,
+    CONFIG_MANIFESTS,
+];
 
 /// The database's page cache: metadata is small, and node memory is not ours.
 const CACHE_BYTES: usize = 4 << 20;
@@ -108,12 +128,10 @@ impl Metadata {
             .create(path)
             .map_err(|e| db_error("open metadata database", e))?;
         let txn = db.begin_write().map_err(|e| db_error("begin", e))?;
-        txn.open_table(BLOBS)
-            .map_err(|e| db_error("create blobs table", e))?;
-        txn.open_table(PIECES)
-            .map_err(|e| db_error("create pieces table", e))?;
-        txn.open_table(INGESTS)
-            .map_err(|e| db_error("create ingests table", e))?;
+        for table in TABLES {
+            txn.open_table(table)
+                .map_err(|e| db_error("create table", e))?;
+        }
         txn.commit().map_err(|e| db_error("commit", e))?;
         Ok(Self { db })
     }
@@ -126,13 +144,14 @@ impl Metadata {
         self.put(BLOBS, digest, meta)
     }
 
-    /// Forgets a blob: its labels and its piece record, in one transaction.
+    /// Forgets a blob: its labels, its piece record and its image index
+    /// record, in one transaction.
     pub fn remove_blob(&self, digest: &str) -> Result<(), StoreError> {
         let txn = self
             .db
             .begin_write()
             .map_err(|e| db_error("begin write", e))?;
-        for table in [BLOBS, PIECES] {
+        for table in [BLOBS, PIECES, MANIFESTS, CONFIGS] {
             txn.open_table(table)
                 .map_err(|e| db_error("open table", e))?
                 .remove(digest)
@@ -237,6 +256,74 @@ impl Metadata {
         Ok(out)
     }
 
+    /// Indexes a committed manifest, in one transaction with the list of
+    /// manifests of its config.
+    pub fn index_manifest(&self, digest: &str, record: &ManifestRecord) -> Result<(), StoreError> {
+        self.write(|txn| {
+            insert(txn, MANIFESTS, digest, record)?;
+            append(txn, CONFIG_MANIFESTS, &record.config, digest)
+        })
+    }
+
+    /// Indexes a committed config under each of its chain IDs.
+    pub fn index_config(
+        &self,
+        digest: &str,
+        record: &ConfigRecord,
+        chain_ids: &[Digest],
+    ) -> Result<(), StoreError> {
+        self.write(|txn| {
+            insert(txn, CONFIGS, digest, record)?;
+            chain_ids
+                .iter()
+                .try_for_each(|chain| append(txn, CHAINS, chain.as_str(), digest))
+        })
+    }
+
+    /// The images that have a layer with chain ID `chain`, newest first, as
+    /// (manifest, config) records whose blobs are both still indexed.
+    pub fn images_with_chain(
+        &self,
+        chain: &str,
+    ) -> Result<Vec<(String, ManifestRecord, String, ConfigRecord)>, StoreError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| db_error("begin read", e))?;
+        let open = |table| txn.open_table(table).map_err(|e| db_error("open table", e));
+        let (chains, configs, by_config, manifests) = (
+            open(CHAINS)?,
+            open(CONFIGS)?,
+            open(CONFIG_MANIFESTS)?,
+            open(MANIFESTS)?,
+        );
+        let mut found = Vec::new();
+        for config in read_list(&chains, chain)?.into_iter().rev() {
+            let Some(config_record) = read::<ConfigRecord>(&configs, &config)? else {
+                continue;
+            };
+            for manifest in read_list(&by_config, &config)?.into_iter().rev() {
+                if let Some(record) = read::<ManifestRecord>(&manifests, &manifest)? {
+                    found.push((manifest, record, config.clone(), config_record.clone()));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Runs `body` in one write transaction and commits it.
+    fn write(
+        &self,
+        body: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| db_error("begin write", e))?;
+        body(&txn)?;
+        txn.commit().map_err(|e| db_error("commit", e))
+    }
+
     fn get<T: DeserializeOwned>(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -288,6 +375,54 @@ impl Metadata {
         }
         txn.commit().map_err(|e| db_error("commit", e))
     }
+}
+
+fn insert<T: Serialize>(
+    txn: &redb::WriteTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    key: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(value).expect("metadata serializes");
+    txn.open_table(table)
+        .map_err(|e| db_error("open table", e))?
+        .insert(key, bytes.as_slice())
+        .map_err(|e| db_error("insert", e))?;
+    Ok(())
+}
+
+/// Adds `item` to the JSON list at `key` unless it is there already.
+fn append(
+    txn: &redb::WriteTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    key: &str,
+    item: &str,
+) -> Result<(), StoreError> {
+    let mut list = read_list(
+        &txn.open_table(table)
+            .map_err(|e| db_error("open table", e))?,
+        key,
+    )?;
+    if list.iter().any(|known| known == item) {
+        return Ok(());
+    }
+    list.push(item.to_owned());
+    insert(txn, table, key, &list)
+}
+
+fn read<T: DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let value = table.get(key).map_err(|e| db_error("get", e))?;
+    value.map(|v| decode(v.value())).transpose()
+}
+
+fn read_list(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Vec<String>, StoreError> {
+    Ok(read(table, key)?.unwrap_or_default())
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {

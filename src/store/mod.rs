@@ -11,6 +11,7 @@
 //! directories are named by the hash of the ref, blobs by a parsed [`Digest`].
 
 mod digest;
+pub mod image_index;
 mod ingest;
 mod metadata;
 
@@ -23,6 +24,7 @@ use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use digest::Digest;
+use image_index::{ImageLayers, IndexedKind};
 pub use ingest::{Ingest, IngestStatus, digest_in_ref};
 pub use metadata::PieceRecord;
 use metadata::{BlobMeta, Metadata};
@@ -260,6 +262,67 @@ impl Store {
             .collect()
     }
 
+    /// Indexes blob `digest`, just committed under `reference`, if the ref
+    /// names a manifest or a config. The index only helps: a blob that does
+    /// not parse is left out, and a failure is logged, never returned.
+    pub fn index_committed(&self, reference: &str, digest: &Digest) {
+        let Some(kind) = IndexedKind::of_ref(reference) else {
+            return;
+        };
+        let path = self.blob_path(digest);
+        let bytes = match fs::metadata(&path) {
+            Ok(meta) if meta.len() <= image_index::MAX_INDEXED_BYTES => fs::read(&path),
+            Ok(_) => return,
+            Err(e) => Err(e),
+        };
+        let result = match (kind, bytes) {
+            (_, Err(e)) => Err(StoreError::io(format!("read {}", path.display()), e)),
+            (IndexedKind::Manifest, Ok(bytes)) => match image_index::parse_manifest(&bytes) {
+                Some(record) => self.meta.index_manifest(digest.as_str(), &record),
+                None => Ok(()),
+            },
+            (IndexedKind::Config, Ok(bytes)) => match image_index::parse_config(&bytes) {
+                Some(record) => {
+                    let diff_ids = record
+                        .diff_ids
+                        .iter()
+                        .map(|d| d.parse())
+                        .collect::<Result<Vec<Digest>, _>>();
+                    diff_ids.and_then(|diff_ids| {
+                        let chains = image_index::chain_ids(&diff_ids);
+                        self.meta.index_config(digest.as_str(), &record, &chains)
+                    })
+                }
+                None => Ok(()),
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(%digest, %reference, error = %e, "cannot index image metadata");
+        }
+    }
+
+    /// The newest image whose layers include chain ID `chain`, with that
+    /// layer's position; `None` if no indexed image has it.
+    pub fn image_with_chain(&self, chain: &Digest) -> Result<Option<ImageLayers>, StoreError> {
+        for (manifest, manifest_record, config, config_record) in
+            self.meta.images_with_chain(chain.as_str())?
+        {
+            let Some(layers) = image_index::image_layers(&manifest_record, &config_record)? else {
+                continue;
+            };
+            let Some(position) = layers.iter().position(|l| l.chain_id == *chain) else {
+                continue;
+            };
+            return Ok(Some(ImageLayers {
+                manifest: manifest.parse()?,
+                config: config.parse()?,
+                layers,
+                position,
+            }));
+        }
+        Ok(None)
+    }
+
     /// Opens the writer for `reference`, resuming its ingest if one exists.
     /// `total` and `expected` describe the blob when the client knows them.
     pub fn writer(
@@ -469,6 +532,54 @@ mod tests {
         );
         store.delete(&digest).unwrap();
         assert!(store.piece_records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn committed_manifests_and_configs_map_chain_ids_to_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (diff_a, diff_b) = (Digest::of(b"tar a"), Digest::of(b"tar b"));
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{diff_a}","{diff_b}"]}}}}"#
+        );
+        let (layer_a, layer_b) = (Digest::of(b"gz a"), Digest::of(b"gz b"));
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},
+            "layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer_a}","size":4}},
+                      {{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_b}","size":4}}]}}"#,
+            Digest::of(config.as_bytes()),
+            config.len()
+        );
+        // containerd writes the manifest before the config.
+        let manifest_digest = commit(&store, "default/1/manifest-sha256:x", manifest.as_bytes());
+        let config_digest = commit(&store, "default/2/config-sha256:y", config.as_bytes());
+        commit(&store, "default/3/layer-sha256:z", b"not indexed");
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        let chains = image_index::chain_ids(&[diff_a, diff_b.clone()]);
+        let found = store
+            .image_with_chain(&chains[1])
+            .unwrap()
+            .expect("indexed");
+        assert_eq!(
+            (found.manifest.clone(), found.config),
+            (manifest_digest.clone(), config_digest)
+        );
+        assert_eq!(found.position, 1);
+        assert_eq!(found.layers[1].digest, layer_b);
+        assert_eq!(found.layers[1].diff_id, diff_b);
+        assert_eq!(
+            found.layers[1].media_type,
+            "application/vnd.oci.image.layer.v1.tar"
+        );
+        assert_eq!(
+            store.image_with_chain(&Digest::of(b"unknown")).unwrap(),
+            None
+        );
+
+        store.delete(&manifest_digest).unwrap();
+        assert_eq!(store.image_with_chain(&chains[0]).unwrap(), None);
     }
 
     #[test]
