@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod dfget;
 pub mod mesh;
 pub mod metrics;
 pub mod plugin;
