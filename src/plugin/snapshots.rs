@@ -335,7 +335,7 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(unpacker.asked.load(Ordering::Relaxed), 1);
-        assert_eq!(response.mounts[0].r#type, "bind");
+        assert_eq!(response.mounts[0].r#type, "overlay");
         assert_eq!(response.mounts.len(), 1);
     }
 
