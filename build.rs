@@ -9,7 +9,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".containerd.services.content.v1",
             "::containerd_client::services::v1",
         )
-        .compile_protos(&["proto/containerd_content.proto"], &["proto"])?;
+        .extern_path(
+            ".containerd.services.snapshots.v1",
+            "::containerd_client::services::v1::snapshots",
+        )
+        .compile_protos(
+            &[
+                "proto/containerd_content.proto",
+                "proto/containerd_snapshots.proto",
+            ],
+            &["proto"],
+        )?;
     tonic_prost_build::configure().compile_protos(&["proto/mesh.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -9,6 +9,9 @@ use serde::Deserialize;
 
 /// Where the seed deployment kept its config.
 pub const SEED_CONFIG: &str = "/etc/dragonfly/dfget.yml";
+/// Where containerd's proxy plugins find dfdaemon by default.
+pub const CONTENT_SOCKET: &str = "/run/damselfly/content.sock";
+pub const SNAPSHOT_SOCKET: &str = "/run/damselfly/snapshot.sock";
 /// The supernode port when an address has none.
 pub const SUPERNODE_PORT: u16 = 8002;
 
@@ -18,6 +21,7 @@ pub const SUPERNODE_PORT: u16 = 8002;
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub content_socket: Option<PathBuf>,
+    pub snapshot_socket: Option<PathBuf>,
     /// Supernodes, `IP[:PORT]`.
     #[serde(default)]
     pub nodes: Vec<String>,
@@ -44,6 +48,18 @@ impl FileConfig {
             Ok(Self::default())
         }
     }
+}
+
+/// The plugin sockets to serve, content's then the snapshotter's: those
+/// asked for, or both defaults when neither is.
+pub fn plugin_sockets(
+    content: Option<PathBuf>,
+    snapshot: Option<PathBuf>,
+) -> (Option<PathBuf>, Option<PathBuf>) {
+    if content.is_none() && snapshot.is_none() {
+        return (Some(CONTENT_SOCKET.into()), Some(SNAPSHOT_SOCKET.into()));
+    }
+    (content, snapshot)
 }
 
 /// Validates supernode addresses, adding the default port where missing.
@@ -76,5 +92,18 @@ mod tests {
         );
         assert!(supernode_addrs(&["example.com".into()]).is_err());
         assert!(serde_yaml_ng::from_str::<FileConfig>("bogus_key: 1\n").is_err());
+    }
+
+    #[test]
+    fn serves_the_sockets_asked_for_or_both_defaults() {
+        let path = |p: &str| Some(PathBuf::from(p));
+        assert_eq!(
+            plugin_sockets(None, None),
+            (path(CONTENT_SOCKET), path(SNAPSHOT_SOCKET))
+        );
+        assert_eq!(plugin_sockets(path("/c"), None), (path("/c"), None));
+        assert_eq!(plugin_sockets(None, path("/s")), (None, path("/s")));
+        let config: FileConfig = serde_yaml_ng::from_str("snapshot_socket: /s\n").unwrap();
+        assert_eq!(config.snapshot_socket, path("/s"));
     }
 }

@@ -11,6 +11,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod plugin;
 pub mod shutdown;
+pub mod snapshotter;
 pub mod store;
 pub mod supernode;
 pub mod telemetry;

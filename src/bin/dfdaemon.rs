@@ -9,8 +9,9 @@ use damselfly::config::{FileConfig, SEED_CONFIG};
 use damselfly::daemon::{self, DaemonConfig};
 use damselfly::mesh::MeshConfig;
 
-/// Serves this node's content store to containerd as a content plugin, and
-/// shares blobs with other nodes through the mesh when supernodes are given.
+/// Serves this node's content store and snapshotter to containerd as proxy
+/// plugins, and shares blobs with other nodes through the mesh when
+/// supernodes are given.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -18,12 +19,18 @@ struct Args {
     /// `nodes: [supernode addresses]`). Options given here win.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Directory of the content store (blobs, ingests, metadata).
+    /// Directory of the content store (blobs, ingests, metadata) and of
+    /// the snapshots.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Unix socket for containerd's `[proxy_plugins]` content entry.
+    /// Unix socket for containerd's `[proxy_plugins]` content entry. With
+    /// neither socket option, both are served at their defaults
+    /// (/run/damselfly/content.sock and snapshot.sock); with one, only it.
     #[arg(long)]
     content_socket: Option<PathBuf>,
+    /// Unix socket for containerd's `[proxy_plugins]` snapshot entry.
+    #[arg(long)]
+    snapshot_socket: Option<PathBuf>,
     /// A supernode, `IP[:PORT]` (port 8002 by default); repeat for several.
     /// Without any, `nodes:` of /etc/dragonfly/dfget.yml is used if present.
     #[arg(long = "supernode")]
@@ -69,15 +76,17 @@ async fn main() -> anyhow::Result<()> {
             supernode: false,
         })
     };
+    let (content_socket, snapshot_socket) = damselfly::config::plugin_sockets(
+        args.content_socket.or(file.content_socket),
+        args.snapshot_socket.or(file.snapshot_socket),
+    );
     daemon::run(DaemonConfig {
         data_dir: args
             .data_dir
             .or(file.data_dir)
             .unwrap_or_else(|| "/var/lib/damselfly".into()),
-        content_socket: args
-            .content_socket
-            .or(file.content_socket)
-            .unwrap_or_else(|| "/run/damselfly/content.sock".into()),
+        content_socket,
+        snapshot_socket,
         mesh,
         metrics_listen: Some(
             args.metrics_listen

@@ -3,7 +3,6 @@
 //! containerd, its clients and its conformance suite cannot tell the difference.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use containerd_client::services::v1::{
@@ -12,7 +11,6 @@ use containerd_client::services::v1::{
     ReadContentResponse, Status as IngestStatusMsg, StatusRequest, StatusResponse, UpdateRequest,
     UpdateResponse, WriteAction, WriteContentRequest, WriteContentResponse,
 };
-use futures::Stream;
 use std::os::unix::fs::FileExt;
 use tokio::sync::mpsc;
 use tokio::task::block_in_place;
@@ -20,23 +18,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::content_api::content_server::Content;
-use super::filter::Filter;
-use super::timestamp;
+use super::{ResponseStream, batched, label_update, parse_filter, timestamp, validate_labels};
 use crate::mesh::Mesh;
 use crate::mesh::session::BlobSession;
-use crate::store::{BlobInfo, Digest, Ingest, IngestStatus, LabelUpdate, Store, StoreError};
+use crate::store::{BlobInfo, Digest, Ingest, IngestStatus, Store, StoreError};
 
 /// Bytes per Read response message (containerd's server uses the same).
 const READ_CHUNK: usize = 1 << 20;
-/// Infos per List response message.
-const LIST_BATCH: usize = 100;
 /// A write offset meaning "wherever the ingest is" (containerd's content
 /// server appends on any negative offset).
 const APPEND: i64 = -1;
-/// Longest label (key plus value) accepted, as containerd's metadata enforces.
-const MAX_LABEL_BYTES: usize = 4096;
-
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The Content service; with a mesh, layer writes go through it.
 pub struct ContentService {
@@ -73,7 +64,7 @@ impl Content for ContentService {
         let digest = parse_digest(&info.digest)?;
         validate_labels(&info.labels)?;
         let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
-        let update = label_update(info.labels, &paths)?;
+        let update = label_update(info.labels, &paths, "content info")?;
         let info = block_in_place(|| self.store.update_labels(&digest, update))?;
         Ok(Response::new(UpdateResponse {
             info: Some(info_message(info)),
@@ -93,15 +84,9 @@ impl Content for ContentService {
             .filter(|info| filter.matches(|path| blob_field(info, path)))
             .map(info_message)
             .collect();
-        let batches: Vec<_> = infos
-            .chunks(LIST_BATCH)
-            .map(|batch| {
-                Ok(ListContentResponse {
-                    info: batch.to_vec(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(futures::stream::iter(batches))))
+        Ok(Response::new(batched(&infos, |info| ListContentResponse {
+            info,
+        })))
     }
 
     async fn delete(&self, request: Request<DeleteContentRequest>) -> Result<Response<()>, Status> {
@@ -371,36 +356,6 @@ fn finish_write(
     })
 }
 
-/// The labels change an Update asks for: no field paths or `labels` replace
-/// them all; `labels.<key>` sets (or, with no value, removes) one key.
-fn label_update(labels: HashMap<String, String>, paths: &[String]) -> Result<LabelUpdate, Status> {
-    if paths.is_empty() || paths.iter().any(|p| p == "labels") {
-        return Ok(LabelUpdate::ReplaceAll(labels));
-    }
-    let mut keys = HashMap::new();
-    for path in paths {
-        let key = path.strip_prefix("labels.").ok_or_else(|| {
-            Status::invalid_argument(format!("cannot update {path:?} field on content info"))
-        })?;
-        keys.insert(key.to_owned(), labels.get(key).cloned().unwrap_or_default());
-    }
-    Ok(LabelUpdate::Keys(keys))
-}
-
-fn validate_labels(labels: &HashMap<String, String>) -> Result<(), Status> {
-    for (key, value) in labels {
-        if key.is_empty() {
-            return Err(Status::invalid_argument("empty label key"));
-        }
-        if key.len() + value.len() > MAX_LABEL_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "label {key:?} is longer than {MAX_LABEL_BYTES} bytes"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// A field of a blob's info, for filters: `digest` and `labels.<key>`.
 fn blob_field<'a>(info: &'a BlobInfo, path: &[String]) -> Option<&'a str> {
     match path {
@@ -421,10 +376,6 @@ fn parse_optional_digest(digest: &str) -> Result<Option<Digest>, Status> {
         return Ok(None);
     }
     parse_digest(digest).map(Some)
-}
-
-fn parse_filter(filters: &[String]) -> Result<Filter, Status> {
-    Filter::parse_all(filters).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 fn info_message(info: BlobInfo) -> Info {

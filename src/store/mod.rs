@@ -94,6 +94,24 @@ pub enum LabelUpdate {
     Keys(HashMap<String, String>),
 }
 
+impl LabelUpdate {
+    /// Applies the update to `labels`.
+    pub fn apply(self, labels: &mut HashMap<String, String>) {
+        match self {
+            Self::ReplaceAll(new) => *labels = new,
+            Self::Keys(keys) => {
+                for (key, value) in keys {
+                    if value.is_empty() {
+                        labels.remove(&key);
+                    } else {
+                        labels.insert(key, value);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The content store. Cheap to share: wrap it in an [`Arc`].
 pub struct Store {
     root: PathBuf,
@@ -183,18 +201,7 @@ impl Store {
     ) -> Result<BlobInfo, StoreError> {
         let info = self.info(digest)?;
         let mut labels = info.labels;
-        match update {
-            LabelUpdate::ReplaceAll(new) => labels = new,
-            LabelUpdate::Keys(keys) => {
-                for (key, value) in keys {
-                    if value.is_empty() {
-                        labels.remove(&key);
-                    } else {
-                        labels.insert(key, value);
-                    }
-                }
-            }
-        }
+        update.apply(&mut labels);
         let meta = BlobMeta {
             created_at: to_nanos(info.created_at),
             updated_at: to_nanos(SystemTime::now()),
