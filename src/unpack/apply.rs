@@ -27,8 +27,14 @@ pub fn apply(
 ) -> Result<Applied, UnpackError> {
     let decompressed = compression
         .reader(blob)
-        .map_err(|source| UnpackError::BadCompression { compression, source })?;
-    let mut archive = tar::Archive::new(BufReader::with_capacity(TAR_BUF, Hashing::new(decompressed)));
+        .map_err(|source| UnpackError::BadCompression {
+            compression,
+            source,
+        })?;
+    let mut archive = tar::Archive::new(BufReader::with_capacity(
+        TAR_BUF,
+        Hashing::new(decompressed),
+    ));
     let mut layer = Layer {
         root,
         parents,
@@ -38,7 +44,8 @@ pub fn apply(
     };
     let result = layer.entries(&mut archive);
     let mut rest = archive.into_inner();
-    let drained = result.and_then(|()| io::copy(&mut rest, &mut io::sink()).map_err(UnpackError::BadTar));
+    let drained =
+        result.and_then(|()| io::copy(&mut rest, &mut io::sink()).map_err(UnpackError::BadTar));
     let hashing = rest.into_inner();
     if let Err(err) = drained {
         return Err(match hashing.failed {
@@ -89,7 +96,10 @@ impl Layer<'_> {
         if let Some(missing) = path::check_parents(self.root, &rel)? {
             self.make_parents(&missing, rel.parent().unwrap_or(Path::new("")))?;
         }
-        let base = rel.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_default();
+        let base = rel
+            .file_name()
+            .map(|b| b.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if base == OPAQUE {
             let dir = self.root.join(rel.parent().unwrap_or(Path::new("")));
             return xattr::set(&dir, "trusted.overlay.opaque", b"y")
@@ -98,12 +108,20 @@ impl Layer<'_> {
         if let Some(hidden) = base.strip_prefix(WHITEOUT) {
             let target = self.root.join(rel.with_file_name(hidden));
             self.make_node(&target, SFlag::S_IFCHR, 0, 0)?;
-            return attrs::set_owner_xattrs_mode(&target, &Attrs { mode: 0, xattrs: Vec::new(), ..attrs }, true);
+            return attrs::set_owner_xattrs_mode(
+                &target,
+                &Attrs {
+                    mode: 0,
+                    xattrs: Vec::new(),
+                    ..attrs
+                },
+                true,
+            );
         }
         let target = self.root.join(&rel);
         self.replace(&target, kind == EntryType::Directory)?;
         match kind {
-            EntryType::Regular | EntryType::Continuous => {
+            EntryType::Regular => {
                 let mut file = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -121,16 +139,25 @@ impl Layer<'_> {
                 }
             }
             EntryType::Symlink => {
-                let link = entry.link_name().map_err(UnpackError::BadTar)?.unwrap_or_default();
+                let link = entry
+                    .link_name()
+                    .map_err(UnpackError::BadTar)?
+                    .unwrap_or_default();
                 std::os::unix::fs::symlink(&link, &target)
                     .map_err(UnpackError::io(format!("symlink {}", target.display())))?;
             }
             EntryType::Link => {
-                let link = entry.link_name().map_err(UnpackError::BadTar)?.unwrap_or_default();
+                let link = entry
+                    .link_name()
+                    .map_err(UnpackError::BadTar)?
+                    .unwrap_or_default();
                 let source = self.root.join(path::clean(&link)?);
                 path::check_parents(self.root, &path::clean(&link)?)?;
-                fs::hard_link(&source, &target)
-                    .map_err(UnpackError::io(format!("link {} to {}", target.display(), source.display())))?;
+                fs::hard_link(&source, &target).map_err(UnpackError::io(format!(
+                    "link {} to {}",
+                    target.display(),
+                    source.display()
+                )))?;
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 let flag = match kind {
@@ -172,17 +199,31 @@ impl Layer<'_> {
         removed.map_err(UnpackError::io(format!("remove {}", target.display())))
     }
 
-    fn make_node(&self, target: &Path, flag: SFlag, major: u32, minor: u32) -> Result<(), UnpackError> {
+    fn make_node(
+        &self,
+        target: &Path,
+        flag: SFlag,
+        major: u32,
+        minor: u32,
+    ) -> Result<(), UnpackError> {
         self.replace(target, false)?;
-        mknod(target, flag, Mode::from_bits_truncate(0o600), makedev(major.into(), minor.into()))
-            .map_err(|e| UnpackError::io(format!("mknod {}", target.display()))(e.into()))
+        mknod(
+            target,
+            flag,
+            Mode::from_bits_truncate(0o600),
+            makedev(major.into(), minor.into()),
+        )
+        .map_err(|e| UnpackError::io(format!("mknod {}", target.display()))(e.into()))
     }
 
     /// Creates `parent` from `first_missing` down, each with the attributes of
     /// the nearest lower dir that has it, else mode 0755 owned by root.
     fn make_parents(&mut self, first_missing: &Path, parent: &Path) -> Result<(), UnpackError> {
         let skip = first_missing.components().count() - 1;
-        let mut rel = first_missing.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut rel = first_missing
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         for component in parent.components().skip(skip) {
             rel.push(component);
             let dir = self.root.join(&rel);
@@ -205,13 +246,16 @@ fn entry_attrs<R: Read>(entry: &mut tar::Entry<R>) -> Result<Attrs, UnpackError>
     let mode = header.mode().map_err(UnpackError::BadTar)?;
     let uid = header.uid().map_err(UnpackError::BadTar)? as u32;
     let gid = header.gid().map_err(UnpackError::BadTar)? as u32;
-    let mut mtime = FileTime::from_unix_time(header.mtime().map_err(UnpackError::BadTar)? as i64, 0);
+    let mut mtime =
+        FileTime::from_unix_time(header.mtime().map_err(UnpackError::BadTar)? as i64, 0);
     let mut atime = None;
     let mut xattrs = Vec::new();
     if let Some(pax) = entry.pax_extensions().map_err(UnpackError::BadTar)? {
         for ext in pax {
             let ext = ext.map_err(UnpackError::BadTar)?;
-            let key = ext.key().map_err(|e| UnpackError::BadTar(io::Error::other(e)))?;
+            let key = ext
+                .key()
+                .map_err(|e| UnpackError::BadTar(io::Error::other(e)))?;
             if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
                 xattrs.push((name.to_owned(), ext.value_bytes().to_vec()));
             } else if key == "mtime" {
@@ -223,7 +267,14 @@ fn entry_attrs<R: Read>(entry: &mut tar::Entry<R>) -> Result<Attrs, UnpackError>
     }
     // containerd sets atime to the later of atime and mtime.
     let atime = atime.map_or(mtime, |a| a.max(mtime));
-    Ok(Attrs { uid, gid, mode, atime, mtime, xattrs })
+    Ok(Attrs {
+        uid,
+        gid,
+        mode,
+        atime,
+        mtime,
+        xattrs,
+    })
 }
 
 /// A PAX time, `seconds[.fraction]`.
@@ -231,5 +282,8 @@ fn pax_time(value: &[u8]) -> Option<FileTime> {
     let text = std::str::from_utf8(value).ok()?;
     let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
     let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-    Some(FileTime::from_unix_time(secs.parse().ok()?, digits.parse().ok()?))
+    Some(FileTime::from_unix_time(
+        secs.parse().ok()?,
+        digits.parse().ok()?,
+    ))
 }

@@ -50,19 +50,23 @@ pub fn set_times(path: &Path, atime: FileTime, mtime: FileTime) -> Result<(), Un
         .map_err(UnpackError::io(format!("lutimes {}", path.display())))
 }
 
-/// The nearest of `parents` holding `rel` as a directory.
+/// The nearest of `parents` holding `rel`, if that is a directory (a nearer
+/// parent that replaced it with another type hides the farther ones).
 pub fn nearest_dir(parents: &[PathBuf], rel: &Path) -> Option<PathBuf> {
-    parents
+    let nearest = parents
         .iter()
         .map(|p| p.join(rel))
-        .find(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()))
+        .find_map(|p| fs::symlink_metadata(&p).ok().map(|m| (p, m)))?;
+    nearest.1.is_dir().then_some(nearest.0)
 }
 
 /// Copies owner, xattrs, mode and times of directory `from` onto `to`.
 pub fn copy_dir_attrs(from: &Path, to: &Path) -> Result<(), UnpackError> {
-    let meta = fs::symlink_metadata(from).map_err(UnpackError::io(format!("lstat {}", from.display())))?;
+    let meta =
+        fs::symlink_metadata(from).map_err(UnpackError::io(format!("lstat {}", from.display())))?;
     let mut xattrs = Vec::new();
-    let names = xattr::list(from).map_err(UnpackError::io(format!("listxattr {}", from.display())))?;
+    let names =
+        xattr::list(from).map_err(UnpackError::io(format!("listxattr {}", from.display())))?;
     for name in names {
         if let Some(value) = xattr::get(from, &name)
             .map_err(UnpackError::io(format!("getxattr {}", from.display())))?
