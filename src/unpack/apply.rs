@@ -92,6 +92,10 @@ impl Layer<'_> {
         }
         let name = entry.path().map_err(UnpackError::BadTar)?.into_owned();
         let rel = path::clean(&name)?;
+        if rel.as_os_str().is_empty() {
+            // The root itself ("./"): containerd ignores it, so the upper dir keeps its attributes.
+            return Ok(());
+        }
         let attrs = entry_attrs(entry)?;
         if let Some(missing) = path::check_parents(self.root, &rel)? {
             self.make_parents(&missing, rel.parent().unwrap_or(Path::new("")))?;

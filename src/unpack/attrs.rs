@@ -34,8 +34,17 @@ pub fn set_owner_xattrs_mode(path: &Path, a: &Attrs, symlink: bool) -> Result<()
     )
     .map_err(|e| UnpackError::io(format!("lchown {}", ctx()))(e.into()))?;
     for (name, value) in &a.xattrs {
-        xattr::set(path, name, value)
-            .map_err(UnpackError::io(format!("setxattr {name} on {}", ctx())))?;
+        match xattr::set(path, name, value) {
+            Ok(()) => {}
+            // As containerd: skip xattrs the filesystem does not support, and
+            // user.* ones on what is neither a file nor a directory.
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOTSUP as i32) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied
+                    && name.starts_with("user.")
+                    && !is_file_or_dir(path) => {}
+            Err(e) => return Err(UnpackError::io(format!("setxattr {name} on {}", ctx()))(e)),
+        }
     }
     if !symlink {
         fs::set_permissions(path, fs::Permissions::from_mode(a.mode & 0o7777))
@@ -84,4 +93,8 @@ pub fn copy_dir_attrs(from: &Path, to: &Path) -> Result<(), UnpackError> {
     };
     set_owner_xattrs_mode(to, &attrs, false)?;
     set_times(to, attrs.atime, attrs.mtime)
+}
+
+fn is_file_or_dir(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_file() || m.is_dir())
 }

@@ -238,7 +238,13 @@ fn implicit_parents_copy_lower_attrs_and_inherit() {
     .unwrap();
     xattr::set(lower.join("usr"), "user.a", b"b").unwrap();
     let t = tar(&[e("usr/lib/f", EntryType::Regular)]);
-    let applied = apply_layer(&t[..], Compression::None, &d.root, &[lower.clone()]).unwrap();
+    let applied = apply_layer(
+        &t[..],
+        Compression::None,
+        &d.root,
+        std::slice::from_ref(&lower),
+    )
+    .unwrap();
     assert_eq!(
         applied.implicit_dirs,
         vec![PathBuf::from("usr"), PathBuf::from("usr/lib")]
@@ -336,8 +342,23 @@ fn bad_layers_write_nothing_outside() {
 #[test]
 fn absolute_names_land_under_root() {
     let d = dirs();
-    apply(&tar(&[e("/abs", EntryType::Regular)]), &d.root).unwrap();
+    let mut dot = e("./", EntryType::Directory);
+    dot.mode = 0o700;
+    apply(
+        &tar(&[
+            dot,
+            e("/abs", EntryType::Regular),
+            e(".", EntryType::Regular),
+        ]),
+        &d.root,
+    )
+    .unwrap();
     assert!(d.root.join("abs").is_file());
+    assert_eq!(
+        fs::metadata(&d.root).unwrap().mode() & 0o777,
+        0o755,
+        "the root entry is ignored"
+    );
 }
 
 #[test]
