@@ -2,7 +2,8 @@
 //!
 //! - [`store`]: the node's content store, the one copy of every blob;
 //! - [`plugin`]: containerd's Content service over that store, on a unix socket;
-//! - [`daemon`]: dfdaemon, which ties them together on a node.
+//! - [`daemon`]: dfdaemon, which ties them together on a node;
+//! - [`unpack`]: the layer applier, which unpacks OCI layers into overlay upper dirs.
 
 pub mod config;
 pub mod daemon;
@@ -15,3 +16,4 @@ pub mod snapshotter;
 pub mod store;
 pub mod supernode;
 pub mod telemetry;
+pub mod unpack;

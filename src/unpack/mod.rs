@@ -1,0 +1,92 @@
+//! The layer applier: applies one OCI layer (a tar stream, gzip, zstd or
+//! uncompressed) to an empty overlay upper directory, with the result
+//! containerd's overlay applier produces, without ever writing outside it.
+//!
+//! - [`decompress`]: media types and the hashing, decompressing reader;
+//! - [`path`]: safe resolution of entry paths under the root;
+//! - [`attrs`]: ownership, modes, times and xattrs;
+//! - [`apply`]: the entry-by-entry applier.
+
+mod apply;
+mod attrs;
+mod decompress;
+mod path;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub use decompress::Compression;
+
+/// What applying a layer did.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// sha256 of the uncompressed tar stream, read to its end.
+    pub diff_id: crate::store::Digest,
+    pub tar_bytes: u64,
+    pub entries: u64,
+    /// Directories created implicitly (not in the tar) because an entry's parent was missing,
+    /// relative to root; their attributes were copied from `parents` where a parent held them.
+    pub implicit_dirs: Vec<PathBuf>,
+}
+
+/// Why a layer could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("entry {path:?} would escape the root: {why}")]
+    PathEscape { path: PathBuf, why: &'static str },
+    #[error("entry {path:?} has an unsupported type {kind}")]
+    UnsupportedEntry { path: PathBuf, kind: String },
+    #[error("bad tar stream: {0}")]
+    BadTar(std::io::Error),
+    #[error("bad {compression:?} stream: {source}")]
+    BadCompression {
+        compression: Compression,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unsupported layer media type {0:?}")]
+    UnsupportedMediaType(String),
+}
+
+impl UnpackError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| UnpackError::Io { context, source }
+    }
+}
+
+/// Applies one layer read from `blob` to `root` (an empty overlay upper dir), with `parents`
+/// (the lower dirs, nearest first) for the attributes of implicitly created parent directories.
+/// Blocking; call from spawn_blocking.
+pub fn apply_layer(
+    blob: impl Read,
+    compression: Compression,
+    root: &Path,
+    parents: &[PathBuf],
+) -> Result<Applied, UnpackError> {
+    apply::apply(blob, compression, root, parents)
+}
+
+/// For a layer applied before its parents existed (layers unpacked in parallel): copies the
+/// attributes of each implicit dir from the nearest parent that has it, as apply_layer would have.
+pub fn inherit_implicit_dirs(
+    root: &Path,
+    implicit_dirs: &[PathBuf],
+    parents: &[PathBuf],
+) -> Result<(), UnpackError> {
+    for dir in implicit_dirs {
+        if let Some(lower) = attrs::nearest_dir(parents, dir) {
+            attrs::copy_dir_attrs(&lower, &root.join(dir))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
