@@ -2,8 +2,15 @@
 //!
 //! - [`store`]: the node's content store, the one copy of every blob;
 //! - [`plugin`]: containerd's Content service over that store, on a unix socket;
-//! - [`daemon`]: dfdaemon, which ties them together on a node;
-//! - [`unpack`]: the layer applier, which unpacks OCI layers into overlay upper dirs.
+//! - [`snapshotter`]: containerd's Snapshots service, an overlayfs snapshotter, on its own socket;
+//! - [`unpack`]: the layer applier, which unpacks OCI layers into overlay upper dirs;
+//! - [`registry`]: fetches blobs from the registries images come from,
+//!   configured like containerd's CRI (hosts.toml, config.json credentials);
+//! - [`fastpath`]: containerd's remote-snapshot protocol: layers fetched and
+//!   unpacked by dfdaemon, all at once, while their bytes arrive;
+//! - [`mesh`]: the piece mesh on a node; [`supernode`]: its coordinator;
+//! - [`dfget`]: the command-line client;
+//! - [`daemon`]: dfdaemon, which ties them together on a node.
 
 pub mod config;
 pub mod daemon;
@@ -11,6 +18,7 @@ pub mod dfget;
 pub mod mesh;
 pub mod metrics;
 pub mod plugin;
+pub mod registry;
 pub mod shutdown;
 pub mod snapshotter;
 pub mod store;
