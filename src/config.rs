@@ -31,6 +31,9 @@ pub struct FileConfig {
     pub download_parallelism: Option<usize>,
     pub stall_timeout_ms: Option<u64>,
     pub metrics_listen: Option<SocketAddr>,
+    pub containerd_socket: Option<PathBuf>,
+    pub hosts_dir: Option<PathBuf>,
+    pub docker_config: Option<PathBuf>,
 }
 
 impl FileConfig {

@@ -12,10 +12,13 @@ use anyhow::Context;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::fastpath::containerd::Containerd;
+use crate::fastpath::{FastPath, FastPathConfig};
 use crate::mesh::metrics::MeshCollector;
 use crate::mesh::{Mesh, MeshConfig};
+use crate::registry::{Registries, RegistryConfig};
 use crate::shutdown::terminated;
-use crate::snapshotter::Snapshotter;
+use crate::snapshotter::{RemoteLayers, Snapshotter};
 use crate::{metrics, plugin, store::Store};
 
 /// What dfdaemon needs to run.
@@ -32,71 +35,95 @@ pub struct DaemonConfig {
     /// The mesh, which shares the content store; `None` makes dfdaemon a
     /// plain local content store.
     pub mesh: Option<MeshConfig>,
-    /// Where to serve Prometheus metrics (`/metrics`), with the mesh.
+    /// Where to serve Prometheus metrics (`/metrics`), with the mesh or the fast path.
     pub metrics_listen: Option<SocketAddr>,
+    /// containerd's API socket: the fast path records layers there.
+    pub containerd_socket: PathBuf,
+    /// How the fast path reaches registries (containerd's hosts.toml files,
+    /// Docker credentials).
+    pub registry: RegistryConfig,
 }
 
-/// Runs the daemon until a termination signal.
+/// Runs the daemon until a termination signal. With both plugins served,
+/// the snapshotter takes containerd's remote-snapshot fast path.
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     if config.mesh.is_some() && config.content_socket.is_none() {
         tracing::warn!("supernodes configured but no content socket: the mesh is not joined");
     }
+    let store = match config.content_socket {
+        Some(_) => Some(open_store(&config.data_dir).await?),
+        None => None,
+    };
+    let mesh = match (&store, config.mesh.clone()) {
+        (Some(store), Some(mesh)) => Some(Mesh::start(mesh, store.clone()).await?),
+        _ => None,
+    };
+    let snapshotter = match config.snapshot_socket {
+        Some(_) => Some(open_snapshotter(&config.data_dir).await?),
+        None => None,
+    };
+    let fast_path = match (&store, &snapshotter) {
+        (Some(store), Some(snapshotter)) => Some(FastPath::new(FastPathConfig {
+            store: store.clone(),
+            snapshotter: snapshotter.clone(),
+            mesh: mesh.clone(),
+            registries: Arc::new(Registries::new(config.registry.clone())?),
+            containerd: Arc::new(Containerd::new(config.containerd_socket.clone())),
+        })),
+        _ => None,
+    };
+    if let Some(addr) = config
+        .metrics_listen
+        .filter(|_| mesh.is_some() || fast_path.is_some())
+    {
+        serve_metrics(addr, mesh.as_ref(), fast_path.as_ref()).await;
+    }
     let content = async {
-        match &config.content_socket {
-            Some(socket) => serve_content(&config, socket).await,
-            None => Ok(()),
+        match (&config.content_socket, store) {
+            (Some(socket), Some(store)) => {
+                plugin::serve_content(store, mesh, socket, terminated()).await
+            }
+            _ => Ok(()),
         }
     };
     let snapshots = async {
-        match &config.snapshot_socket {
-            Some(socket) => serve_snapshots(&config.data_dir, socket).await,
-            None => Ok(()),
+        match (&config.snapshot_socket, snapshotter) {
+            (Some(socket), Some(snapshotter)) => {
+                let remote = fast_path.map(|f| Arc::new(f) as Arc<dyn RemoteLayers>);
+                plugin::serve_snapshots(snapshotter, remote, socket, terminated()).await
+            }
+            _ => Ok(()),
         }
     };
     tokio::try_join!(content, snapshots)?;
     Ok(())
 }
 
-/// Opens the store, starts the mesh if configured, and serves the content plugin.
-async fn serve_content(config: &DaemonConfig, socket: &Path) -> anyhow::Result<()> {
-    let store = tokio::task::spawn_blocking({
-        let dir = config.data_dir.clone();
-        move || Store::open(&dir)
-    })
-    .await?
-    .with_context(|| format!("open the store in {}", config.data_dir.display()))?;
-    tracing::info!(data_dir = %config.data_dir.display(), "store open");
-    let mesh: Option<Arc<Mesh>> = match config.mesh.clone() {
-        Some(mesh) => {
-            let mesh = Mesh::start(mesh, store.clone()).await?;
-            if let Some(addr) = config.metrics_listen {
-                serve_metrics(addr, &mesh).await;
-            }
-            Some(mesh)
-        }
-        None => {
-            tracing::info!("no supernode configured: plain local content store");
-            None
-        }
-    };
-    plugin::serve_content(store, mesh, socket, terminated()).await
+async fn open_store(data_dir: &Path) -> anyhow::Result<Arc<Store>> {
+    let dir = data_dir.to_owned();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await?
+        .with_context(|| format!("open the store in {}", data_dir.display()))?;
+    tracing::info!(data_dir = %data_dir.display(), "store open");
+    Ok(store)
 }
 
-/// Opens the snapshotter and serves the snapshot plugin.
-async fn serve_snapshots(data_dir: &Path, socket: &Path) -> anyhow::Result<()> {
-    let snapshotter = tokio::task::spawn_blocking({
-        let dir = data_dir.to_owned();
-        move || Snapshotter::open(&dir)
-    })
-    .await?
-    .with_context(|| format!("open the snapshotter in {}", data_dir.display()))?;
+async fn open_snapshotter(data_dir: &Path) -> anyhow::Result<Arc<Snapshotter>> {
+    let dir = data_dir.to_owned();
+    let snapshotter = tokio::task::spawn_blocking(move || Snapshotter::open(&dir))
+        .await?
+        .with_context(|| format!("open the snapshotter in {}", data_dir.display()))?;
     tracing::info!(data_dir = %data_dir.display(), "snapshotter open");
-    plugin::serve_snapshots(Arc::new(snapshotter), None, socket, terminated()).await
+    Ok(Arc::new(snapshotter))
 }
 
-/// Serves the mesh's metrics on `addr`. Metrics are not worth failing the
-/// content store for: if the address is taken, say so and go on.
-async fn serve_metrics(addr: SocketAddr, mesh: &Arc<Mesh>) {
+/// Serves the mesh's and the fast path's metrics on `addr`. Metrics are not
+/// worth failing the plugins for: if the address is taken, say so and go on.
+async fn serve_metrics(
+    addr: SocketAddr,
+    mesh: Option<&Arc<Mesh>>,
+    fast_path: Option<&Arc<FastPath>>,
+) {
     let listener = match TcpListener::bind(addr).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -105,7 +132,12 @@ async fn serve_metrics(addr: SocketAddr, mesh: &Arc<Mesh>) {
         }
     };
     let mut registry = Registry::with_prefix("damselfly");
-    registry.register_collector(Box::new(MeshCollector::new(mesh.clone(), "dfdaemon")));
+    if let Some(mesh) = mesh {
+        registry.register_collector(Box::new(MeshCollector::new(mesh.clone(), "dfdaemon")));
+    }
+    if let Some(fast_path) = fast_path {
+        fast_path.stats.register(&mut registry);
+    }
     tokio::spawn(async move {
         if let Err(e) = metrics::serve(listener, Arc::new(registry), std::future::pending()).await {
             tracing::warn!(error = %e, "metrics server stopped");

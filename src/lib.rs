@@ -15,6 +15,7 @@
 pub mod config;
 pub mod daemon;
 pub mod dfget;
+pub mod fastpath;
 pub mod mesh;
 pub mod metrics;
 pub mod plugin;

@@ -8,6 +8,7 @@ use clap::Parser;
 use damselfly::config::{FileConfig, SEED_CONFIG};
 use damselfly::daemon::{self, DaemonConfig};
 use damselfly::mesh::MeshConfig;
+use damselfly::registry::RegistryConfig;
 
 /// Serves this node's content store and snapshotter to containerd as proxy
 /// plugins, and shares blobs with other nodes through the mesh when
@@ -41,9 +42,21 @@ struct Args {
     /// Port of the piece server.
     #[arg(long)]
     upload_port: Option<u16>,
-    /// Address of the Prometheus endpoint (`/metrics`), served with the mesh.
+    /// Address of the Prometheus endpoint (`/metrics`), served with the mesh
+    /// or the snapshotter's fast path.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// containerd's API socket, where the fast path records the layers it
+    /// fetched.
+    #[arg(long)]
+    containerd_socket: Option<PathBuf>,
+    /// containerd's registry hosts directory (CRI's `config_path`), read
+    /// for endpoints, mirrors and TLS.
+    #[arg(long)]
+    hosts_dir: Option<PathBuf>,
+    /// Docker-style `config.json` with registry credentials.
+    #[arg(long)]
+    docker_config: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -93,6 +106,23 @@ async fn main() -> anyhow::Result<()> {
                 .or(file.metrics_listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 65003))),
         ),
+        containerd_socket: args
+            .containerd_socket
+            .or(file.containerd_socket)
+            .unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
+        registry: registry_config(
+            args.hosts_dir.or(file.hosts_dir),
+            args.docker_config.or(file.docker_config),
+        ),
     })
     .await
+}
+
+/// The registry settings: the defaults, with what was given instead.
+fn registry_config(hosts_dir: Option<PathBuf>, docker_config: Option<PathBuf>) -> RegistryConfig {
+    let defaults = RegistryConfig::default();
+    RegistryConfig {
+        hosts_dir: hosts_dir.unwrap_or(defaults.hosts_dir),
+        docker_config: docker_config.or(defaults.docker_config),
+    }
 }

@@ -38,6 +38,7 @@ impl Counters {
 
     /// Fetches and parses dfdaemon's metrics at `url`.
     pub async fn fetch(url: &str) -> anyhow::Result<Self> {
+        crate::registry::install_crypto_provider();
         let text = reqwest::get(url)
             .await
             .and_then(|r| r.error_for_status())

@@ -83,6 +83,40 @@ pub fn endpoints(hosts_dir: &Path, host: &RegistryHost) -> Result<Vec<Endpoint>,
 }
 
 /// The first of `<host>_<port>_`, `<host>` and `_default` that exists.
+/// The registry host a `containerd.io/distribution.source.<host>` label
+/// means. containerd (1.6) drops the port from that label's key, so a host
+/// without a port stands for the one configured `<host>:<port>` (or
+/// `<host>_<port>_`) directory under `hosts_dir`, when there is exactly
+/// one; otherwise for itself.
+pub fn label_host(hosts_dir: &Path, label: &RegistryHost) -> RegistryHost {
+    if label.port().is_some() {
+        return label.clone();
+    }
+    let Ok(entries) = fs::read_dir(hosts_dir) else {
+        return label.clone();
+    };
+    let prefix = format!("{}:", label.as_str());
+    let underscored = format!("{}_", label.as_str());
+    let mut found: Vec<RegistryHost> = entries
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter_map(|name| {
+            let host = if let Some(port) = name.strip_prefix(&underscored) {
+                format!("{prefix}{}", port.strip_suffix('_')?)
+            } else if name.starts_with(&prefix) {
+                name
+            } else {
+                return None;
+            };
+            RegistryHost::parse(&host).ok()
+        })
+        .collect();
+    found.dedup();
+    match found.as_slice() {
+        [only] => only.clone(),
+        _ => label.clone(),
+    }
+}
+
 fn host_dir(hosts_dir: &Path, host: &RegistryHost) -> Result<Option<PathBuf>, RegistryError> {
     let mut names = Vec::new();
     if let Some(port) = host.port() {

@@ -114,12 +114,18 @@ struct Inner {
     routes: Mutex<HashMap<RegistryHost, Arc<Vec<EndpointClient>>>>,
 }
 
+/// Makes ring the process's TLS crypto provider, which every reqwest client
+/// of damselfly needs (reqwest is built without a provider of its own, so
+/// that aws-lc is not built). Whoever installed a provider first wins.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl Registries {
     /// Reads the credentials (the hosts.toml files are read per host, on its
     /// first fetch).
     pub fn new(config: RegistryConfig) -> Result<Self, RegistryError> {
-        // Whoever installed a provider first wins; this only fills the gap.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
         let credentials = match &config.docker_config {
             Some(path) => Credentials::load(path)?,
             None => Credentials::default(),
@@ -160,6 +166,13 @@ impl Registries {
             }
         }
         Err(last_error.expect("a route has at least one endpoint"))
+    }
+
+    /// The registry host named by containerd's distribution-source label
+    /// host `label` (which lacks the port; see [`hosts::label_host`]).
+    pub fn source_host(&self, label: &str) -> Result<String, RegistryError> {
+        let label = RegistryHost::parse(label)?;
+        Ok(hosts::label_host(&self.inner.hosts_dir, &label).to_string())
     }
 
     /// The pull endpoints of `host`, built on first use.
