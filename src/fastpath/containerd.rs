@@ -112,8 +112,11 @@ impl Containerd {
     ) -> Result<(), ContainerdError> {
         let lease = self.create_lease(namespace).await?;
         let mut client = ContentClient::new(self.channel().await?);
+        // The COMMIT names the offset the STAT answers (the whole size): an
+        // offset below it would make containerd truncate, and copy, the blob.
         let message = |action: WriteAction| WriteContentRequest {
             action: action.into(),
+            offset: if action == WriteAction::Commit { size as i64 } else { 0 },
             r#ref: format!("damselfly-record-{}", digest.hex()),
             total: size as i64,
             expected: digest.to_string(),
