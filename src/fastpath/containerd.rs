@@ -116,7 +116,11 @@ impl Containerd {
         // offset below it would make containerd truncate, and copy, the blob.
         let message = |action: WriteAction| WriteContentRequest {
             action: action.into(),
-            offset: if action == WriteAction::Commit { size as i64 } else { 0 },
+            offset: if action == WriteAction::Commit {
+                size as i64
+            } else {
+                0
+            },
             r#ref: format!("damselfly-record-{}", digest.hex()),
             total: size as i64,
             expected: digest.to_string(),

@@ -533,6 +533,27 @@ impl Containerd {
         plugin_socket: &Path,
         registry: &str,
     ) -> Self {
+        Self::start_with(scratch, name, host, plugin_socket, None, registry)
+    }
+
+    /// Where [`Containerd::start_with`] puts the API socket and the hosts
+    /// directory of containerd `name`, known before it starts (dfdaemon's
+    /// fast path is told them).
+    pub fn paths(scratch: &Scratch, name: &str) -> (PathBuf, PathBuf) {
+        let dir = scratch.join(name);
+        (dir.join("c.sock"), dir.join("certs.d"))
+    }
+
+    /// Like [`Containerd::start_in`]; with `snapshot_socket`, dfdaemon is
+    /// also its snapshotter, named `damselfly`, and CRI's default one.
+    pub fn start_with(
+        scratch: &Scratch,
+        name: &str,
+        host: Option<&Host>,
+        plugin_socket: &Path,
+        snapshot_socket: Option<&Path>,
+        registry: &str,
+    ) -> Self {
         let dir = scratch.join(name);
         let certs = dir.join("certs.d");
         fs::create_dir_all(certs.join(registry)).unwrap();
@@ -560,19 +581,29 @@ disabled_plugins = ["io.containerd.content.v1.content"]
 [metrics]
   address = ""
 [proxy_plugins]
-  [proxy_plugins.damselfly]
+  [proxy_plugins.damselfly-content]
     type = "content"
     address = "{plugin}"
+{snapshot_plugin}
 [plugins."io.containerd.grpc.v1.cri"]
   stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{certs}"
+{cri_snapshotter}
 "#,
                 root = root.display(),
                 state = dir.join("state").display(),
                 socket = socket.display(),
                 plugin = plugin_socket.display(),
                 certs = certs.display(),
+                snapshot_plugin = snapshot_socket
+                    .map(|s| format!("  [proxy_plugins.damselfly]\n    type = \"snapshot\"\n    address = \"{}\"", s.display()))
+                    .unwrap_or_default(),
+                cri_snapshotter = if snapshot_socket.is_some() {
+                    "  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"damselfly\""
+                } else {
+                    ""
+                },
             ),
         )
         .unwrap();
