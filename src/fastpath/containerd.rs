@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::{
-    CreateRequest, InfoRequest, WriteAction, WriteContentRequest,
+    CreateRequest, DeleteRequest, InfoRequest, WriteAction, WriteContentRequest,
 };
 use tokio::sync::OnceCell;
 use tonic::Request;
@@ -22,8 +22,13 @@ use crate::store::Digest;
 
 /// Label prefix containerd puts on fetched manifests: `<prefix><host>=<repository>[,…]`.
 const SOURCE_LABEL: &str = "containerd.io/distribution.source.";
-/// How long the lease that holds a recorded layer lives: long enough for
-/// the pull to finish and its manifest's references to hold the layer.
+/// How long dfdaemon keeps the lease that holds a recorded layer: the pull's
+/// own lease holds its manifest, and the manifest's `gc.ref` labels hold
+/// the layer, so this only bridges the moment between the record and
+/// containerd's next look at the image. Keeping it longer would keep a
+/// removed image's layers on disk.
+const LEASE_HOLD: Duration = Duration::from_secs(60);
+/// The lease's own expiry, in case dfdaemon dies before it deletes it.
 const LEASE_TTL: Duration = Duration::from_secs(3600);
 
 /// A lazily connected client of containerd's API socket.
@@ -99,7 +104,7 @@ impl Containerd {
     }
 
     /// Records committed blob `digest` of `size` bytes in `namespace`,
-    /// under a lease that expires after [`LEASE_TTL`]. With containerd's
+    /// under a lease held for [`LEASE_HOLD`]. With containerd's
     /// default (shared) content policy, a Write for a blob its backend
     /// (dfdaemon) already holds opens a writer with nothing to write, and
     /// its COMMIT adds the blob to the namespace; AlreadyExists means the
@@ -144,7 +149,9 @@ impl Containerd {
             }
             Ok::<_, tonic::Status>(committed)
         };
-        match answers.await {
+        let recorded = answers.await;
+        self.release_later(namespace, lease);
+        match recorded {
             Ok(true) => Ok(()),
             Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(()),
             Err(status) => Err(call_error(status)),
@@ -152,6 +159,28 @@ impl Containerd {
                 "containerd closed the write without committing",
             ))),
         }
+    }
+
+    /// Deletes `lease` after [`LEASE_HOLD`], in the background.
+    fn release_later(&self, namespace: &str, lease: String) {
+        let Some(channel) = self.channel.get().cloned() else {
+            return;
+        };
+        let Ok(request) = in_namespace(
+            DeleteRequest {
+                id: lease.clone(),
+                sync: false,
+            },
+            namespace,
+        ) else {
+            return;
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(LEASE_HOLD).await;
+            if let Err(status) = LeasesClient::new(channel).delete(request).await {
+                tracing::debug!(%lease, error = %status, "could not delete a layer's lease");
+            }
+        });
     }
 
     async fn create_lease(&self, namespace: &str) -> Result<String, ContainerdError> {

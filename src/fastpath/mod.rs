@@ -113,19 +113,26 @@ impl FastPath {
 
     /// Waits until the layer with chain ID `target` is committed on
     /// `parent` and its blob recorded in containerd, starting the image's
-    /// job if none runs.
+    /// job if none runs. Answers only what the snapshotter holds now: a
+    /// job's Ready is rechecked, since containerd's GC may have removed
+    /// that snapshot since (an image removed and pulled again).
     async fn layer(&self, namespace: &str, target: &Digest, parent: &str) -> Result<(), Declined> {
-        let snapshotter = &self.config.snapshotter;
-        let existing = block_in_place(|| snapshotter.find_committed(target.as_str(), parent))
-            .map_err(|e| Declined::new(None, "snapshotter", e.to_string()))?;
-        if existing.is_some() {
+        if self.committed(target, parent)? {
             return self.record_existing(namespace, target).await;
         }
         let mut state = self.state_or_start(namespace, target, parent).await?;
         loop {
             match state.borrow_and_update().clone() {
                 LayerState::Pending => {}
-                LayerState::Ready => return Ok(()),
+                LayerState::Ready if self.committed(target, parent)? => return Ok(()),
+                LayerState::Ready => {
+                    self.forget(namespace, target);
+                    return Err(Declined::new(
+                        None,
+                        "removed",
+                        "the layer's snapshot was removed after its job committed it".into(),
+                    ));
+                }
                 LayerState::Failed {
                     image,
                     kind,
@@ -136,6 +143,22 @@ impl FastPath {
                 return Err(Declined::new(None, "ended", "the layer's job ended".into()));
             }
         }
+    }
+
+    /// Whether a committed snapshot for `target` on `parent` exists.
+    fn committed(&self, target: &Digest, parent: &str) -> Result<bool, Declined> {
+        let snapshotter = &self.config.snapshotter;
+        block_in_place(|| snapshotter.find_committed(target.as_str(), parent))
+            .map(|found| found.is_some())
+            .map_err(|e| Declined::new(None, "snapshotter", e.to_string()))
+    }
+
+    /// Drops a stale layer state, so that the next Prepare starts afresh.
+    fn forget(&self, namespace: &str, target: &Digest) {
+        self.layers
+            .lock()
+            .expect("layers")
+            .remove(&(namespace.to_owned(), target.clone()));
     }
 
     /// A snapshot for `target` exists already (unpacked for another
