@@ -56,30 +56,31 @@ impl Metadata {
     }
 
     pub fn get(&self, name: &str) -> Result<Option<Record>, SnapshotError> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| db_error("begin read", e))?;
-        let table = txn
-            .open_table(SNAPSHOTS)
-            .map_err(|e| db_error("open snapshots", e))?;
-        get(&table, name)
+        self.read(|table| get(table, name))
     }
 
     /// The record of `name`, and those of its ancestors, nearest first.
     pub fn chain(&self, name: &str) -> Result<Vec<Record>, SnapshotError> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| db_error("begin read", e))?;
-        let table = txn
-            .open_table(SNAPSHOTS)
-            .map_err(|e| db_error("open snapshots", e))?;
-        chain(&table, name)
+        self.read(|table| chain(table, name))
     }
 
     /// Every snapshot, in name order.
     pub fn all(&self) -> Result<Vec<(String, Record)>, SnapshotError> {
+        self.read(|table| {
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(|e| db_error("iterate snapshots", e))? {
+                let (name, value) = entry.map_err(|e| db_error("read snapshot", e))?;
+                out.push((name.value().to_owned(), decode(value.value())?));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Runs `body` over the snapshots table in a read transaction.
+    fn read<T>(
+        &self,
+        body: impl FnOnce(&redb::ReadOnlyTable<&'static str, &'static [u8]>) -> Result<T, SnapshotError>,
+    ) -> Result<T, SnapshotError> {
         let txn = self
             .db
             .begin_read()
@@ -87,12 +88,7 @@ impl Metadata {
         let table = txn
             .open_table(SNAPSHOTS)
             .map_err(|e| db_error("open snapshots", e))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| db_error("iterate snapshots", e))? {
-            let (name, value) = entry.map_err(|e| db_error("read snapshot", e))?;
-            out.push((name.value().to_owned(), decode(value.value())?));
-        }
-        Ok(out)
+        body(&table)
     }
 
     /// Runs `change` in a write transaction, committed only if it succeeds.
