@@ -93,10 +93,7 @@ impl Containerd {
         let info = client
             .info(request)
             .await
-            .map_err(|status| ContainerdError::Call {
-                what: "content info",
-                status,
-            })?
+            .map_err(failed("content info"))?
             .into_inner()
             .info
             .unwrap_or_default();
@@ -137,10 +134,7 @@ impl Containerd {
             "containerd-lease",
             header(&lease).ok_or_else(|| ContainerdError::Namespace(lease.clone()))?,
         );
-        let call_error = |status| ContainerdError::Call {
-            what: "content write",
-            status,
-        };
+        let call_error = failed("content write");
         let answers = async {
             let mut stream = client.write(request).await?.into_inner();
             let mut committed = false;
@@ -202,15 +196,17 @@ impl Containerd {
         let lease = client
             .create(request)
             .await
-            .map_err(|status| ContainerdError::Call {
-                what: "lease create",
-                status,
-            })?
+            .map_err(failed("lease create"))?
             .into_inner()
             .lease
             .unwrap_or_default();
         Ok(lease.id)
     }
+}
+
+/// Turns a failed call's status into an error naming the call.
+fn failed(what: &'static str) -> impl Fn(tonic::Status) -> ContainerdError {
+    move |status| ContainerdError::Call { what, status }
 }
 
 fn header(value: &str) -> Option<MetadataValue<tonic::metadata::Ascii>> {
