@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::fastpath::containerd::Containerd;
-use crate::fastpath::{FastPath, FastPathConfig};
+use crate::fastpath::{self, FastPath, FastPathConfig};
 use crate::mesh::metrics::MeshCollector;
 use crate::mesh::{Mesh, MeshConfig};
 use crate::registry::{Registries, RegistryConfig};
@@ -63,13 +63,16 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         None => None,
     };
     let fast_path = match (&store, &snapshotter) {
-        (Some(store), Some(snapshotter)) => Some(FastPath::new(FastPathConfig {
-            store: store.clone(),
-            snapshotter: snapshotter.clone(),
-            mesh: mesh.clone(),
-            registries: Arc::new(Registries::new(config.registry.clone())?),
-            containerd: Arc::new(Containerd::new(config.containerd_socket.clone())),
-        })),
+        (Some(store), Some(snapshotter)) => {
+            tokio::spawn(fastpath::expire_abandoned_ingests(store.clone()));
+            Some(FastPath::new(FastPathConfig {
+                store: store.clone(),
+                snapshotter: snapshotter.clone(),
+                mesh: mesh.clone(),
+                registries: Arc::new(Registries::new(config.registry.clone())?),
+                containerd: Arc::new(Containerd::new(config.containerd_socket.clone())),
+            }))
+        }
         _ => None,
     };
     if let Some(addr) = config

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, block_in_place};
+use tokio::task::block_in_place;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::containerd::Containerd;
 use super::layer::{Fetch, LayerError, Unpacked};
@@ -33,6 +34,9 @@ pub enum LayerState {
         reason: Arc<str>,
     },
 }
+
+/// A layer being fetched and unpacked; dropping it stops that work.
+type Unpack = AbortOnDropHandle<Result<(Staging, Unpacked), LayerError>>;
 
 /// The layers of one image still to unpack, from the one first asked for.
 pub struct Job {
@@ -88,18 +92,18 @@ impl Job {
             .collect()
     }
 
-    pub fn chains(&self) -> Vec<Digest> {
-        self.layers.iter().map(|l| l.chain_id.clone()).collect()
+    pub fn manifest(&self) -> &Digest {
+        &self.manifest
     }
 
     /// Unpacks every layer at once and commits them in order. The first
     /// failure fails that layer and every layer above it (their parent
-    /// will be containerd's own snapshot, not ours).
+    /// will be containerd's own snapshot, not ours). Dropping the future
+    /// stops every layer not yet committed and removes its staging.
     pub async fn run(self) {
         tracing::info!(namespace = %self.namespace, manifest = %self.manifest, layers = self.layers.len(),
             "fast path: fetching and unpacking every layer at once");
-        let mut unpacks: Vec<JoinHandle<Result<(Staging, Unpacked), LayerError>>> =
-            self.layers.iter().map(|layer| self.start(layer)).collect();
+        let mut unpacks: Vec<Unpack> = self.layers.iter().map(|layer| self.start(layer)).collect();
         let mut parent = self.parent.clone();
         for (index, unpack) in unpacks.iter_mut().enumerate() {
             let layer = &self.layers[index];
@@ -112,7 +116,7 @@ impl Job {
                     tracing::warn!(namespace = %self.namespace, manifest = %self.manifest, error = %e,
                         "fast path: layer failed; containerd takes it and the layers above");
                     self.fail_from(index, e.kind(), &e.to_string());
-                    unpacks[index + 1..].iter().for_each(JoinHandle::abort);
+                    unpacks[index + 1..].iter().for_each(Unpack::abort);
                     return;
                 }
             }
@@ -120,24 +124,24 @@ impl Job {
     }
 
     /// Starts fetching and unpacking `layer` into a new staging directory.
-    fn start(&self, layer: &ImageLayer) -> JoinHandle<Result<(Staging, Unpacked), LayerError>> {
+    fn start(&self, layer: &ImageLayer) -> Unpack {
         let (fetch, snapshotter, layer) =
             (self.fetch.clone(), self.snapshotter.clone(), layer.clone());
-        tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             let started = Instant::now();
             let staging =
                 block_in_place(|| snapshotter.stage()).map_err(|e| LayerError::Snapshot {
                     digest: layer.digest.clone(),
                     reason: e.to_string(),
                 })?;
-            let unpacked = fetch.unpack(&layer, staging.fs()).await?;
+            let (staging, unpacked) = fetch.unpack(&layer, staging).await?;
             let seconds = started.elapsed().as_secs_f64();
             tracing::info!(digest = %layer.digest, source = unpacked.origin.as_str(),
                 tar_bytes = unpacked.applied.tar_bytes, seconds,
                 mb_per_s = unpacked.applied.tar_bytes as f64 / 1e6 / seconds.max(1e-9),
                 "fast path: layer fetched and unpacked");
             Ok((staging, unpacked))
-        })
+        }))
     }
 
     /// Waits for `layer`'s unpack and commits it on `parent`; returns the
@@ -146,7 +150,7 @@ impl Job {
         &self,
         layer: &ImageLayer,
         parent: &str,
-        unpack: &mut JoinHandle<Result<(Staging, Unpacked), LayerError>>,
+        unpack: &mut Unpack,
     ) -> Result<String, LayerError> {
         let snapshot_error = |e: &dyn std::fmt::Display| LayerError::Snapshot {
             digest: layer.digest.clone(),

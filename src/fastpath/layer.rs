@@ -2,24 +2,28 @@
 //! the registry, and is unpacked into a staging directory while it arrives.
 //! The blob is written into the store as it streams by (so it is kept once,
 //! and peers can fetch its pieces), and unpacked on a blocking thread that
-//! reads the same bytes from a channel.
+//! reads the same bytes from a channel: from peers, each stretch as soon as
+//! the pieces before it are verified; from the registry, as it is written.
+//! Its ingest is one of dfdaemon's own (see [`OWN_REF_PREFIX`]), so a pull
+//! cancelled midway leaves it for a retry to resume.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::block_in_place;
 
 use crate::mesh::Mesh;
 use crate::mesh::session::BlobSession;
 use crate::registry::{Registries, RegistryError};
+use crate::snapshotter::Staging;
 use crate::store::image_index::ImageLayer;
-use crate::store::{Digest, Ingest, Store, StoreError};
+use crate::store::{Digest, Ingest, OWN_REF_PREFIX, Store, StoreError};
 use crate::unpack::{Applied, Compression, UnpackError, apply_layer};
 
 /// Chunks buffered between the fetch and the unpacker.
@@ -106,9 +110,13 @@ pub struct Unpacked {
 }
 
 impl Fetch {
-    /// Fetches `layer` and unpacks it into `dir` as its bytes arrive;
+    /// Fetches `layer` and unpacks it into `staging` as its bytes arrive;
     /// checks the diff_id against the config's.
-    pub async fn unpack(&self, layer: &ImageLayer, dir: PathBuf) -> Result<Unpacked, LayerError> {
+    pub async fn unpack(
+        &self,
+        layer: &ImageLayer,
+        staging: Staging,
+    ) -> Result<(Staging, Unpacked), LayerError> {
         let digest = layer.digest.clone();
         let compression = Compression::from_media_type(&layer.media_type).map_err(|source| {
             LayerError::Unpack {
@@ -117,12 +125,22 @@ impl Fetch {
             }
         })?;
         let (chunks, receiver) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
+        // The staging directory goes to the unpacker's thread and comes back
+        // with its result. If this future is dropped (the pull was
+        // cancelled), the thread sees its stream end, stops, and removes the
+        // directory itself: nothing writes there once it is gone.
         let unpacker = tokio::task::spawn_blocking(move || {
-            apply_layer(ChannelReader::new(receiver), compression, &dir, &[])
+            let applied = apply_layer(
+                ChannelReader::new(receiver),
+                compression,
+                &staging.fs(),
+                &[],
+            );
+            (staging, applied)
         });
         let fed = self.feed(layer, &chunks).await;
         drop(chunks);
-        let unpacked = unpacker.await.map_err(|e| LayerError::Stopped {
+        let (staging, unpacked) = unpacker.await.map_err(|e| LayerError::Stopped {
             digest: digest.clone(),
             reason: e.to_string(),
         })?;
@@ -145,10 +163,11 @@ impl Fetch {
                 expected: layer.diff_id.clone(),
             });
         }
-        Ok(Unpacked { applied, origin })
+        Ok((staging, Unpacked { applied, origin }))
     }
 
-    /// Sends the layer's bytes, in order, to `chunks`.
+    /// Sends the layer's bytes, in order, to `chunks`: what peers send is
+    /// passed on as each piece is verified, the rest as the registry sends it.
     async fn feed(
         &self,
         layer: &ImageLayer,
@@ -159,7 +178,7 @@ impl Fetch {
             digest: digest.clone(),
             source,
         };
-        let reference = format!("damselfly/fastpath/layer-{digest}");
+        let reference = format!("{OWN_REF_PREFIX}fastpath/layer-{digest}");
         let mut ingest = match block_in_place(|| {
             self.store
                 .writer(&reference, layer.size as i64, Some(digest.clone()))
@@ -168,26 +187,26 @@ impl Fetch {
             Err(StoreError::AlreadyExists(_)) => {
                 let (file, _) =
                     block_in_place(|| self.store.open_blob(digest)).map_err(store_error)?;
-                send_file(&file, 0, layer.size, chunks, digest).await?;
+                send_file(&file, &mut 0, layer.size, chunks, digest).await?;
                 return Ok(Origin::Store);
             }
             Err(e) => return Err(store_error(e)),
         };
+        let file = block_in_place(|| ingest.data_file()).map_err(store_error)?;
+        let mut sent = 0;
         let mut session = self
             .mesh
             .as_ref()
             .and_then(|mesh| BlobSession::start(mesh, &reference, layer.size as i64));
         if let Some(session) = session.as_mut() {
-            session
-                .before_stat(&mut ingest)
-                .await
-                .map_err(store_error)?;
+            let verified = session.verified_prefix();
+            tokio::select! {
+                settled = session.before_stat(&mut ingest) => settled.map_err(store_error)?,
+                stopped = follow(&file, verified, &mut sent, chunks, digest) => return Err(stopped),
+            }
         }
         let held = ingest.offset() as u64;
-        if held > 0 {
-            let file = block_in_place(|| ingest.data_file()).map_err(store_error)?;
-            send_file(&file, 0, held, chunks, digest).await?;
-        }
+        send_file(&file, &mut sent, held, chunks, digest).await?;
         let origin = if held == layer.size {
             Origin::Peers
         } else {
@@ -222,9 +241,12 @@ impl Fetch {
             digest: digest.clone(),
             source,
         };
+        let offset = ingest.offset() as u64;
+        tracing::info!(%digest, %host, %repository, offset, size = layer.size,
+            "fast path: fetching the layer from the registry");
         let mut stream = self
             .registries
-            .open_blob(host, repository, digest, ingest.offset() as u64)
+            .open_blob(host, repository, digest, offset)
             .await
             .map_err(registry_error)?;
         while let Some(chunk) = stream.next().await {
@@ -245,25 +267,46 @@ impl Fetch {
     }
 }
 
-/// Sends bytes `start..end` of `file` to `chunks`.
+/// Sends bytes `*at..end` of `file` to `chunks`, moving `at` past each
+/// chunk sent (so that a dropped call leaves it at what was sent).
 async fn send_file(
-    file: &std::fs::File,
-    start: u64,
+    file: &File,
+    at: &mut u64,
     end: u64,
     chunks: &mpsc::Sender<Bytes>,
     digest: &Digest,
 ) -> Result<(), LayerError> {
-    let mut at = start;
-    while at < end {
-        let mut buf = vec![0; READ_CHUNK.min((end - at) as usize)];
-        block_in_place(|| file.read_exact_at(&mut buf, at)).map_err(|e| LayerError::Store {
+    while *at < end {
+        let mut buf = vec![0; READ_CHUNK.min((end - *at) as usize)];
+        block_in_place(|| file.read_exact_at(&mut buf, *at)).map_err(|e| LayerError::Store {
             digest: digest.clone(),
             source: StoreError::io("read a layer back from the store", e),
         })?;
-        at += buf.len() as u64;
+        let len = buf.len() as u64;
         send(chunks, buf.into(), digest).await?;
+        *at += len;
     }
     Ok(())
+}
+
+/// Sends the ingest's verified prefix as it grows, from `*sent` on, while
+/// peers' pieces arrive; returns only if that fails (the unpacker stopped).
+async fn follow(
+    file: &File,
+    mut verified: watch::Receiver<u64>,
+    sent: &mut u64,
+    chunks: &mpsc::Sender<Bytes>,
+    digest: &Digest,
+) -> LayerError {
+    loop {
+        let upto = *verified.borrow_and_update();
+        if let Err(e) = send_file(file, sent, upto, chunks, digest).await {
+            return e;
+        }
+        if verified.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 async fn send(

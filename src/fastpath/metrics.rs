@@ -1,6 +1,7 @@
 //! The fast path's Prometheus metrics: layers dfdaemon unpacked itself (by
-//! where their bytes came from), the tar bytes it wrote, and Prepares that
-//! went containerd's ordinary way (by reason).
+//! where their bytes came from), the tar bytes it wrote, Prepares that went
+//! containerd's ordinary way (by reason), and jobs stopped because their
+//! pull was cancelled.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -13,6 +14,7 @@ pub struct FastPathStats {
     layers: Family<Labels, Counter>,
     tar_bytes: Counter,
     declined: Family<Labels, Counter>,
+    cancelled: Counter,
 }
 
 impl FastPathStats {
@@ -29,6 +31,11 @@ impl FastPathStats {
         self.declined
             .get_or_create(&vec![("reason", kind.to_owned())])
             .inc();
+    }
+
+    /// An image's job was stopped: no pull waited for it any more.
+    pub fn cancelled(&self) {
+        self.cancelled.inc();
     }
 
     /// Layers unpacked so far from `origin` (for tests and the demo).
@@ -53,6 +60,11 @@ impl FastPathStats {
             "dfdaemon_fast_path_declined",
             "Remote-snapshot Prepares that went containerd's ordinary way, by reason",
             self.declined.clone(),
+        );
+        registry.register(
+            "dfdaemon_fast_path_cancelled",
+            "Fast-path image jobs stopped before their end because no pull waited for them any more",
+            self.cancelled.clone(),
         );
     }
 }

@@ -50,12 +50,84 @@ pub struct FastPathConfig {
 }
 
 /// Layer states of the jobs running or recently ended, by (namespace, chain ID).
-type LayerStates = Arc<Mutex<HashMap<(String, Digest), watch::Receiver<LayerState>>>>;
+type LayerStates = Arc<Mutex<HashMap<(String, Digest), Tracked>>>;
+
+/// One layer of a job, as the Prepares for it see it.
+#[derive(Clone)]
+struct Tracked {
+    state: watch::Receiver<LayerState>,
+    /// The Prepares waiting on any layer of the same job.
+    waiters: Arc<Waiters>,
+}
 
 /// How long a finished job's layer states are kept: the Prepares of its
 /// later layers arrive one by one, and a failed layer's fallback should not
 /// start the same doomed job again for the layers above it.
 const STATES_KEPT: Duration = Duration::from_secs(60);
+
+/// How long a job goes on with no Prepare waiting for any of its layers
+/// before it is taken for abandoned (the pull was cancelled: its client
+/// went away). An image's Prepares come milliseconds apart, one after the
+/// other, so a silence this long means nobody wants the layers now; a
+/// retried pull resumes each blob where its ingest stopped.
+const ABANDONED_AFTER: Duration = Duration::from_secs(5);
+
+/// How long a layer's half-fetched ingest is kept unwritten for a retried
+/// pull to resume (kubelet retries within minutes; containerd's own pull
+/// leases expire after an hour), and how often that is checked.
+const INGEST_KEPT: Duration = Duration::from_secs(3600);
+const INGEST_SWEEP: Duration = Duration::from_secs(600);
+
+/// Drops the fast path's ingests that no pull resumed within
+/// [`INGEST_KEPT`]; runs for as long as dfdaemon does.
+pub async fn expire_abandoned_ingests(store: Arc<Store>) {
+    let mut every = tokio::time::interval(INGEST_SWEEP);
+    loop {
+        every.tick().await;
+        match block_in_place(|| store.abort_idle_own(INGEST_KEPT)) {
+            Ok(aborted) if aborted.is_empty() => {}
+            Ok(aborted) => tracing::info!(
+                ?aborted,
+                "fast path: dropped half-fetched layers no pull resumed"
+            ),
+            Err(e) => tracing::warn!(error = %e, "fast path: could not expire abandoned ingests"),
+        }
+    }
+}
+
+/// How many Prepares wait on one job's layers.
+#[derive(Default)]
+struct Waiters(watch::Sender<usize>);
+
+impl Waiters {
+    /// Counts one waiting Prepare until the guard is dropped (it answers,
+    /// or containerd cancels it).
+    fn wait(self: &Arc<Self>) -> Waiting {
+        self.0.send_modify(|n| *n += 1);
+        Waiting(self.clone())
+    }
+
+    /// Resolves once no Prepare has waited for [`ABANDONED_AFTER`].
+    async fn abandoned(&self) {
+        let mut count = self.0.subscribe();
+        loop {
+            let _ = count.wait_for(|n| *n == 0).await;
+            let back = tokio::time::timeout(ABANDONED_AFTER, count.wait_for(|n| *n > 0));
+            if back.await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One Prepare waiting on a job.
+struct Waiting(Arc<Waiters>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.0.send_modify(|n| *n -= 1);
+    }
+}
 
 /// Answers remote-snapshot Prepares; see the module doc.
 pub struct FastPath {
@@ -115,24 +187,39 @@ impl FastPath {
     /// `parent` and its blob recorded in containerd, starting the image's
     /// job if none runs. Answers only what the snapshotter holds now: a
     /// job's Ready is rechecked, since containerd's GC may have removed
-    /// that snapshot since (an image removed and pulled again).
+    /// that snapshot since (an image removed and pulled again); then that
+    /// job is forgotten and the layer started afresh, once.
     async fn layer(&self, namespace: &str, target: &Digest, parent: &str) -> Result<(), Declined> {
         if self.committed(target, parent)? {
             return self.record_existing(namespace, target).await;
         }
-        let mut state = self.state_or_start(namespace, target, parent).await?;
+        for _ in 0..2 {
+            let tracked = self.state_or_start(namespace, target, parent).await?;
+            let _waiting = tracked.waiters.wait();
+            if self.settled(tracked.state.clone(), target, parent).await? {
+                return Ok(());
+            }
+            self.forget(&tracked.waiters);
+        }
+        Err(Declined::new(
+            None,
+            "removed",
+            "the layer's snapshot was removed each time its job committed it".into(),
+        ))
+    }
+
+    /// Waits for a job's layer to settle: `true` when it is committed on
+    /// `parent`, `false` when the job says Ready but the snapshot is gone.
+    async fn settled(
+        &self,
+        mut state: watch::Receiver<LayerState>,
+        target: &Digest,
+        parent: &str,
+    ) -> Result<bool, Declined> {
         loop {
             match state.borrow_and_update().clone() {
                 LayerState::Pending => {}
-                LayerState::Ready if self.committed(target, parent)? => return Ok(()),
-                LayerState::Ready => {
-                    self.forget(namespace, target);
-                    return Err(Declined::new(
-                        None,
-                        "removed",
-                        "the layer's snapshot was removed after its job committed it".into(),
-                    ));
-                }
+                LayerState::Ready => return self.committed(target, parent),
                 LayerState::Failed {
                     image,
                     kind,
@@ -153,12 +240,10 @@ impl FastPath {
             .map_err(|e| Declined::new(None, "snapshotter", e.to_string()))
     }
 
-    /// Drops a stale layer state, so that the next Prepare starts afresh.
-    fn forget(&self, namespace: &str, target: &Digest) {
-        self.layers
-            .lock()
-            .expect("layers")
-            .remove(&(namespace.to_owned(), target.clone()));
+    /// Drops the layer states of the job that `waiters` belongs to, so that
+    /// the next Prepare for any of its layers starts afresh.
+    fn forget(&self, waiters: &Arc<Waiters>) {
+        forget_job(&self.layers, waiters);
     }
 
     /// A snapshot for `target` exists already (unpacked for another
@@ -193,10 +278,10 @@ impl FastPath {
         namespace: &str,
         target: &Digest,
         parent: &str,
-    ) -> Result<watch::Receiver<LayerState>, Declined> {
+    ) -> Result<Tracked, Declined> {
         let key = (namespace.to_owned(), target.clone());
-        if let Some(state) = self.layers.lock().expect("layers").get(&key) {
-            return Ok(state.clone());
+        if let Some(tracked) = self.layers.lock().expect("layers").get(&key) {
+            return Ok(tracked.clone());
         }
         let image = self.indexed_image(target)?;
         let source = self.source(namespace, &image.manifest).await;
@@ -208,26 +293,37 @@ impl FastPath {
             &self.config,
             self.stats.clone(),
         );
-        let state = {
+        let waiters = Arc::new(Waiters::default());
+        let tracked = {
             let mut layers = self.layers.lock().expect("layers");
-            if let Some(state) = layers.get(&key) {
-                return Ok(state.clone()); // another Prepare started it meanwhile
+            if let Some(tracked) = layers.get(&key) {
+                return Ok(tracked.clone()); // another Prepare started it meanwhile
             }
             for (chain, state) in job.states() {
-                layers.insert((namespace.to_owned(), chain), state);
+                let waiters = waiters.clone();
+                layers.insert((namespace.to_owned(), chain), Tracked { state, waiters });
             }
             layers[&key].clone()
         };
-        let (layers, chains, namespace) = (self.layers.clone(), job.chains(), namespace.to_owned());
+        let (layers, namespace, manifest, stats) = (
+            self.layers.clone(),
+            namespace.to_owned(),
+            job.manifest().clone(),
+            self.stats.clone(),
+        );
         tokio::spawn(async move {
-            job.run().await;
-            tokio::time::sleep(STATES_KEPT).await;
-            let mut layers = layers.lock().expect("layers");
-            for chain in chains {
-                layers.remove(&(namespace.clone(), chain));
+            tokio::select! {
+                () = job.run() => tokio::time::sleep(STATES_KEPT).await,
+                () = waiters.abandoned() => {
+                    stats.cancelled();
+                    tracing::warn!(%namespace, %manifest,
+                        "fast path: no pull waits for this image any more (cancelled); \
+                         stopped its layers not yet committed");
+                }
             }
+            forget_job(&layers, &waiters);
         });
-        Ok(state)
+        Ok(tracked)
     }
 
     /// Where `namespace` fetched `manifest` from, as containerd labelled it.
@@ -249,6 +345,14 @@ impl FastPath {
             }
         }
     }
+}
+
+/// Drops every layer state of the job that `waiters` belongs to.
+fn forget_job(layers: &LayerStates, waiters: &Arc<Waiters>) {
+    layers
+        .lock()
+        .expect("layers")
+        .retain(|_, tracked| !Arc::ptr_eq(&tracked.waiters, waiters));
 }
 
 impl RemoteLayers for Arc<FastPath> {

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::{JoinSet, block_in_place};
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 
 use super::Mesh;
 use super::api::{Outcome, PieceResult, ReportRequest, Role, ScheduleRequest};
@@ -72,29 +73,53 @@ struct Transfer {
     len: u64,
 }
 
+/// Who hears of a download's progress.
+struct Progress<'a> {
+    /// The announcer, which tells the supernode of new pieces.
+    announce: Arc<Notify>,
+    /// Readers that follow the verified prefix as it grows.
+    verified: Option<&'a watch::Sender<u64>>,
+}
+
 /// Downloads `task` into `ingest` until one of [`DownloadEnd`]. The ingest
-/// ends at the verified contiguous offset, with nothing unverified after it.
+/// ends at the verified contiguous offset, with nothing unverified after it;
+/// `verified`, if given, follows that offset as it grows.
 pub async fn download(
     mesh: &Arc<Mesh>,
     task: &Arc<LocalTask>,
     ingest: &mut Ingest,
     supernode: &str,
+    verified: Option<&watch::Sender<u64>>,
 ) -> Result<DownloadEnd, StoreError> {
     let file = Arc::new(ingest.data_file()?);
     block_in_place(|| ingest.begin_out_of_order())?;
     let dirty = Arc::new(Notify::new());
-    let done = Arc::new(Notify::new());
+    let done = CancellationToken::new();
     tokio::spawn(
         mesh.clone()
             .announcer(task.clone(), dirty.clone(), done.clone()),
     );
+    // Dropped on every way out, also when the caller drops this future.
+    let _stop_announcer = done.drop_guard();
     let mut transfers = JoinSet::new();
-    let end = run(mesh, task, ingest, &file, &dirty, supernode, &mut transfers).await;
+    let progress = Progress {
+        announce: dirty,
+        verified,
+    };
+    let end = run(
+        mesh,
+        task,
+        ingest,
+        &file,
+        &progress,
+        supernode,
+        &mut transfers,
+    )
+    .await;
     // Transfers still in flight write into the ingest file: stop them, and
     // wait until they have stopped, before it is cut back to the verified
     // prefix, so that none writes there while containerd writes the rest.
     transfers.shutdown().await;
-    done.notify_one();
     block_in_place(|| ingest.end_out_of_order())?;
     // Pieces past the verified prefix were cut off with it. A complete blob
     // keeps them all: its last piece may be short, so the offset divided by
@@ -112,7 +137,7 @@ async fn run(
     task: &Arc<LocalTask>,
     ingest: &mut Ingest,
     file: &Arc<File>,
-    dirty: &Arc<Notify>,
+    progress: &Progress<'_>,
     supernode: &str,
     transfers: &mut JoinSet<(Transfer, Result<(), FetchError>)>,
 ) -> Result<DownloadEnd, StoreError> {
@@ -138,6 +163,13 @@ async fn run(
                 // from where this download began.
                 ingest.begin_out_of_order()
             })?;
+        }
+        if let Some(prefix) = progress.verified {
+            prefix.send_if_modified(|prefix| {
+                let changed = *prefix != verified;
+                *prefix = verified;
+                changed
+            });
         }
         if contiguous == total {
             return Ok(DownloadEnd::Complete);
@@ -241,7 +273,7 @@ async fn run(
                             pieceSize = transfer.len, pieceNum = transfer.number, source,
                             "downloading piece"
                         );
-                        dirty.notify_one();
+                        progress.announce.notify_one();
                         Outcome::Ok
                     }
                     Err(FetchError::BadDigest { got }) => {

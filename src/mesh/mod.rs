@@ -19,6 +19,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::block_in_place;
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{Digest, PieceRecord, Store};
 use api::{HeldBlob, Host, JoinRequest, Piece, Role};
@@ -227,12 +228,12 @@ impl Mesh {
     }
 
     /// Keeps the supernode up to date with `task`'s pieces: announces after
-    /// every `dirty` notification (batched), until `done` is notified.
+    /// every `dirty` notification (batched), until `done` is cancelled.
     pub async fn announcer(
         self: Arc<Self>,
         task: Arc<LocalTask>,
         dirty: Arc<Notify>,
-        done: Arc<Notify>,
+        done: CancellationToken,
     ) {
         /// Batch announcements of pieces completing in quick succession.
         const BATCH: Duration = Duration::from_millis(50);
@@ -242,7 +243,7 @@ impl Mesh {
                     tokio::time::sleep(BATCH).await;
                     self.announce(&task, false).await;
                 }
-                () = done.notified() => return,
+                () = done.cancelled() => return,
             }
         }
     }

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use sha2::{Digest as _, Sha256};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::{JoinHandle, block_in_place};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::Mesh;
 use super::api::Role;
@@ -29,13 +30,17 @@ pub struct BlobSession {
     join: Option<JoinHandle<Option<(Role, String)>>>,
     ingesting: Option<Ingesting>,
     task: Option<Arc<LocalTask>>,
+    /// How much of the blob, from offset 0, the ingest holds verified
+    /// while peers' pieces arrive.
+    verified: watch::Sender<u64>,
 }
 
 /// This node writes the blob from the registry and publishes its pieces.
 struct Ingesting {
     hasher: PieceHasher,
     dirty: Arc<Notify>,
-    done: Arc<Notify>,
+    /// Stops the announcer when the session ends.
+    _done: DropGuard,
     supernode: String,
 }
 
@@ -60,7 +65,14 @@ impl BlobSession {
             join: Some(join),
             ingesting: None,
             task: None,
+            verified: watch::Sender::new(0),
         })
+    }
+
+    /// Follows the verified prefix of the ingest while [`Self::before_stat`]
+    /// downloads from peers: those bytes are final and may be read.
+    pub fn verified_prefix(&self) -> watch::Receiver<u64> {
+        self.verified.subscribe()
     }
 
     /// Called before answering each STAT after the negotiation. The first
@@ -82,7 +94,7 @@ impl BlobSession {
         block_in_place(|| seed_verified_prefix(&task, ingest))?;
         if role == Role::Download {
             tracing::info!(digest = %self.digest, size = self.size, %supernode, "downloading from peers");
-            match download(&self.mesh, &task, ingest, &supernode).await? {
+            match download(&self.mesh, &task, ingest, &supernode, Some(&self.verified)).await? {
                 DownloadEnd::Complete => return Ok(()),
                 DownloadEnd::TakeOver | DownloadEnd::Stalled => {}
             }
@@ -91,7 +103,7 @@ impl BlobSession {
         task.start_ingesting();
         let hasher = block_in_place(|| PieceHasher::resume(&task, ingest))?;
         let dirty = Arc::new(Notify::new());
-        let done = Arc::new(Notify::new());
+        let done = CancellationToken::new();
         tokio::spawn(
             self.mesh
                 .clone()
@@ -100,7 +112,7 @@ impl BlobSession {
         self.ingesting = Some(Ingesting {
             hasher,
             dirty,
-            done,
+            _done: done.drop_guard(),
             supernode,
         });
         Ok(())
@@ -145,9 +157,6 @@ impl Drop for BlobSession {
     /// The stream ended: stop announcing and serving from the ingest (a
     /// committed blob is served from the store from now on).
     fn drop(&mut self) {
-        if let Some(ingesting) = &self.ingesting {
-            ingesting.done.notify_one();
-        }
         if let Some(task) = &self.task {
             self.mesh.tasks.finish(task);
         }

@@ -21,7 +21,7 @@ use super::content_api::content_server::Content;
 use super::{ResponseStream, batched, label_update, parse_filter, timestamp, validate_labels};
 use crate::mesh::Mesh;
 use crate::mesh::session::BlobSession;
-use crate::store::{BlobInfo, Digest, Ingest, IngestStatus, Store, StoreError};
+use crate::store::{BlobInfo, Digest, Ingest, IngestStatus, Store, StoreError, is_own_ref};
 
 /// Bytes per Read response message (containerd's server uses the same).
 const READ_CHUNK: usize = 1 << 20;
@@ -162,6 +162,7 @@ impl Content for ContentService {
         let filter = parse_filter(&request.get_ref().filters)?;
         let statuses = block_in_place(|| self.store.statuses())?
             .into_iter()
+            .filter(|status| !is_own_ref(&status.reference))
             .filter(|status| {
                 filter.matches(|path| match path {
                     [field] if field == "ref" => Some(status.reference.as_str()),

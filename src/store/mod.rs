@@ -39,6 +39,19 @@ const LOCK_GRACE: Duration = Duration::from_secs(1);
 /// well under this; anything longer is a client bug or an attack.
 pub const MAX_REF_LEN: usize = 1024;
 
+/// Prefix of the refs of ingests dfdaemon makes for itself (the fast path's
+/// layers). containerd's refs start with a namespace, which never starts
+/// with a dot, so no containerd ref has it. Such ingests are not listed to
+/// containerd: its GC aborts every listed ingest it does not know, which
+/// would throw away a layer a cancelled pull had half fetched, or one
+/// another pull is fetching right now. [`Store::abort_idle_own`] expires them.
+pub const OWN_REF_PREFIX: &str = ".damselfly/";
+
+/// Whether `reference` names one of dfdaemon's own ingests.
+pub fn is_own_ref(reference: &str) -> bool {
+    reference.starts_with(OWN_REF_PREFIX)
+}
+
 /// Errors of the store, one variant per gRPC status class they map to.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -393,6 +406,26 @@ impl Store {
         Ok(out)
     }
 
+    /// Aborts dfdaemon's own ingests that no writer holds and that nobody
+    /// wrote for `idle`; returns their refs.
+    pub fn abort_idle_own(&self, idle: Duration) -> Result<Vec<String>, StoreError> {
+        let now = SystemTime::now();
+        let mut aborted = Vec::new();
+        for status in self.statuses()? {
+            let idle_for = now.duration_since(status.updated_at).unwrap_or_default();
+            if !is_own_ref(&status.reference) || idle_for < idle {
+                continue;
+            }
+            // Holding the lock table: no writer opens the ref meanwhile.
+            let locked = self.locked.lock().expect("lock table");
+            if !locked.contains(&status.reference) {
+                self.remove_ingest(&status.reference)?;
+                aborted.push(status.reference);
+            }
+        }
+        Ok(aborted)
+    }
+
     /// Abandons the ingest for `reference` and frees its space, even if a
     /// writer has it open (containerd's GC aborts what it does not know). An
     /// unknown ref is not an error: containerd aborts inside its own
@@ -644,6 +677,40 @@ mod tests {
             .commit(10, Some(&Digest::of(b"1234567890")), HashMap::new())
             .unwrap();
         assert_eq!(fs::read(store.blob_path(&digest)).unwrap(), b"1234567890");
+    }
+
+    #[test]
+    fn idle_own_ingests_are_aborted_and_hidden_from_no_one_else() {
+        let (_dir, store) = store();
+        let own = format!("{OWN_REF_PREFIX}fastpath/layer-x");
+        let held = format!("{OWN_REF_PREFIX}fastpath/layer-y");
+        for reference in [&own, &held, &"k8s.io/1/layer-z".to_owned()] {
+            store
+                .writer(reference, 10, None)
+                .unwrap()
+                .write(0, b"12345")
+                .unwrap();
+        }
+        let _writer = store.writer(&held, 10, None).unwrap();
+        assert!(
+            store
+                .abort_idle_own(Duration::from_secs(3600))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            store.abort_idle_own(Duration::ZERO).unwrap(),
+            vec![own.clone()]
+        );
+        let left: Vec<_> = store
+            .statuses()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.reference)
+            .collect();
+        assert!(!left.contains(&own) && left.contains(&held), "{left:?}");
+        assert_eq!(left.len(), 2);
+        assert!(is_own_ref(&held) && !is_own_ref("k8s.io/1/layer-z"));
     }
 
     #[test]
