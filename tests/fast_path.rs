@@ -5,19 +5,8 @@
 
 mod common;
 
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::{ImageSpec, PullImageRequest};
-
-use common::{Containerd, Dfdaemon, Registry, Scratch, free_port, sha256_bytes};
-
-/// The files of `damselfly/multi:v1`'s non-empty layers, with their sizes
-/// (test-images/generate.py).
-const FILES: [(&str, u64); 4] = [
-    ("/damselfly/multi/tiny.txt", 7),
-    ("/damselfly/multi/gzip/notes.txt", 65543),
-    ("/damselfly/multi/zstd/notes.txt", 300003),
-    ("/damselfly/multi/tar/notes.txt", 500),
-];
+use common::snapshotter_node::{MULTI_V1_FILES, SnapshotterNode};
+use common::{Registry, Scratch, sha256_bytes};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cri_pull_is_unpacked_by_dfdaemon_and_runs() {
@@ -25,60 +14,17 @@ async fn cri_pull_is_unpacked_by_dfdaemon_and_runs() {
     let registry = Registry::start(&scratch);
     let catalog = registry.push("small");
     let image = catalog.image("damselfly/multi:v1");
-    let (containerd_socket, hosts_dir) = Containerd::paths(&scratch, "containerd");
-    let snapshot_socket = scratch.join("snapshot.sock");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let dfdaemon = Dfdaemon::start_in(
-        &scratch,
-        "dfdaemon",
-        None,
-        vec![
-            "--snapshot-socket".into(),
-            snapshot_socket.display().to_string(),
-            "--containerd-socket".into(),
-            containerd_socket.display().to_string(),
-            "--hosts-dir".into(),
-            hosts_dir.display().to_string(),
-            "--metrics-listen".into(),
-            metrics.clone(),
-        ],
-    );
-    let containerd = Containerd::start_with(
-        &scratch,
-        "containerd",
-        None,
-        &dfdaemon.socket,
-        Some(&snapshot_socket),
-        &registry.host,
-    );
+    let node = SnapshotterNode::start(&scratch, registry.upstream(), Vec::new(), Vec::new());
     let reference = format!("{}/{}", registry.host, image.reference);
 
-    let channel = containerd_client::connect(&containerd.socket)
-        .await
-        .expect("connect to containerd");
-    ImageServiceClient::new(channel)
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: reference.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("CRI PullImage");
+    node.cri_pull(&reference, None).await;
 
     let layers: Vec<_> = image
         .amd64_blobs()
         .into_iter()
         .filter(|b| b.kind == "layer")
         .collect();
-    damselfly::registry::install_crypto_provider();
-    let text = reqwest::get(format!("http://{metrics}/metrics"))
-        .await
-        .expect("scrape dfdaemon")
-        .text()
-        .await
-        .unwrap();
+    let text = node.metrics_text().await;
     let unpacked = format!(
         "damselfly_dfdaemon_unpacked_layers_total{{source=\"registry\"}} {}",
         layers.len()
@@ -86,65 +32,17 @@ async fn cri_pull_is_unpacked_by_dfdaemon_and_runs() {
     assert!(
         text.lines().any(|l| l == unpacked),
         "dfdaemon unpacked every layer itself; metrics:\n{text}\nlog:\n{}",
-        dfdaemon.log_text()
+        node.dfdaemon.log_text()
     );
     assert!(
         !text.contains("fast_path_declined_total{"),
         "no Prepare went containerd's way:\n{text}"
     );
 
-    let k8s = |args: &[&str]| {
-        let out = std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&containerd.socket)
-            .args(["--namespace", "k8s.io"])
-            .args(args)
-            .output()
-            .expect("run ctr");
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let check = k8s(&["image", "check"]);
-    let line = check
-        .lines()
-        .find(|l| l.starts_with(&reference))
-        .expect("the image is listed");
-    assert!(line.contains("complete (6/6)"), "{check}");
+    node.assert_image_complete(&reference, 6);
     for layer in &layers {
-        let out = std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&containerd.socket)
-            .args(["--namespace", "k8s.io", "content", "get", &layer.digest])
-            .output()
-            .unwrap();
-        assert_eq!(sha256_bytes(&out.stdout), layer.digest, "content get");
+        let blob = node.k8s(&["content", "get", &layer.digest]);
+        assert_eq!(sha256_bytes(&blob), layer.digest, "content get");
     }
-
-    let mut run = vec![
-        "run",
-        "--rm",
-        "--snapshotter",
-        "damselfly",
-        "--mount",
-        "type=bind,src=/bin/busybox,dst=/bin/busybox,options=rbind:ro",
-        &reference,
-        "fast-path-probe",
-        "/bin/busybox",
-        "wc",
-        "-c",
-    ];
-    run.extend(FILES.iter().map(|(path, _)| *path));
-    let counted = k8s(&run);
-    for (path, size) in FILES {
-        assert!(
-            counted
-                .lines()
-                .any(|l| l.split_whitespace().eq([size.to_string().as_str(), path])),
-            "the container reads {path} ({size} bytes): {counted}"
-        );
-    }
+    node.assert_container_reads(&reference, &MULTI_V1_FILES);
 }

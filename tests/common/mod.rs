@@ -7,6 +7,7 @@
 
 pub mod netns;
 pub mod secure_registry;
+pub mod snapshotter_node;
 
 use std::fs;
 use std::io::{BufRead, BufReader};
