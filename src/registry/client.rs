@@ -2,7 +2,6 @@
 //! settings, its cached authorizations, and the blob fetch with a Range.
 
 use std::collections::HashMap;
-use std::error::Error as _;
 use std::fs;
 use std::pin::Pin;
 use std::sync::Mutex;
