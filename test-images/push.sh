@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Generate (or reuse) a set of damselfly test images and push it to a registry.
 #
-#   push.sh REGISTRY_HOSTPORT SET [WORKDIR]   push every image of SET to the registry
-#   push.sh --describe SET [WORKDIR]          print SET's catalog.json; push nothing
+#   push.sh [--cert-dir DIR] [--creds USER:PASS] REGISTRY_HOSTPORT SET [WORKDIR]
+#                                     push every image of SET to the registry
+#   push.sh --describe SET [WORKDIR]  print SET's catalog.json; push nothing
+#
+# Without --cert-dir the registry is plain HTTP. With it, it is HTTPS,
+# verified against the CAs (*.crt) in DIR. --creds logs in with Basic auth.
 #
 # WORKDIR (default /tmp/damselfly-test-images/SET) holds the generated OCI
 # layouts and catalog.json; a complete generation by the same generate.py is
@@ -12,7 +16,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 usage() {
-    sed -n '4,5p' "$0" >&2
+    sed -n '4,9p' "$0" >&2
     exit 2
 }
 
@@ -37,21 +41,35 @@ ensure_generated() {
     mv "$dir.partial" "$dir"
 }
 
-# Push every image listed in DIR/catalog.json, keeping every digest.
+# Push every image listed in DIR/catalog.json, keeping every digest; the
+# arguments after DIR are skopeo's destination options (TLS and login).
 push_all() {
     local registry=$1 dir=$2 layout oci_ref ref
+    shift 2
     python3 -c '
 import json, sys
 for image in json.load(open(sys.argv[1])):
     print(image["layout"], image["oci_ref"], image["ref"])
 ' "$dir/catalog.json" | while read -r layout oci_ref ref; do
-        skopeo copy --quiet --all --preserve-digests --dest-tls-verify=false \
+        skopeo copy --quiet --all --preserve-digests "$@" \
             "oci:$dir/$layout:$oci_ref" "docker://$registry/$ref"
         echo "pushed $registry/$ref"
     done
 }
 
 main() {
+    local cert_dir="" creds=""
+    while [[ $# -ge 2 && $1 == --* && $1 != --describe ]]; do
+        case $1 in
+        --cert-dir) cert_dir=$2 ;;
+        --creds) creds=$2 ;;
+        *) usage ;;
+        esac
+        shift 2
+    done
+    local dest_opts=(--dest-tls-verify=false)
+    [[ -z $cert_dir ]] || dest_opts=(--dest-cert-dir "$cert_dir")
+    [[ -z $creds ]] || dest_opts+=(--dest-creds "$creds")
     [[ $# -ge 2 && $# -le 3 ]] || usage
     local registry=$1 # or --describe
     shift
@@ -66,7 +84,7 @@ main() {
     if [[ $registry == --describe ]]; then
         cat "$dir/catalog.json"
     else
-        push_all "$registry" "$dir"
+        push_all "$registry" "$dir" "${dest_opts[@]}"
         echo "catalog: $dir/catalog.json"
     fi
 }

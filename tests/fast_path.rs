@@ -11,99 +11,9 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::{ImageSpec, PullImageRequest};
-
 use common::netns::TestNet;
-use common::{Containerd, Dfdaemon, Registry, Scratch, free_port, sha256_bytes, wait_for};
-
-/// A containerd whose content store and snapshotter are one dfdaemon.
-struct FastNode {
-    dfdaemon: Dfdaemon,
-    containerd: Containerd,
-    /// `ip:port` of dfdaemon's metrics.
-    metrics: String,
-}
-
-impl FastNode {
-    fn start(scratch: &Scratch, registry: &Registry) -> Self {
-        let (containerd_socket, hosts_dir) = Containerd::paths(scratch, "containerd");
-        let snapshot_socket = scratch.join("snapshot.sock");
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let dfdaemon = Dfdaemon::start_in(
-            scratch,
-            "dfdaemon",
-            None,
-            vec![
-                "--snapshot-socket".into(),
-                snapshot_socket.display().to_string(),
-                "--containerd-socket".into(),
-                containerd_socket.display().to_string(),
-                "--hosts-dir".into(),
-                hosts_dir.display().to_string(),
-                "--metrics-listen".into(),
-                metrics.clone(),
-            ],
-        );
-        let containerd = Containerd::start_with(
-            scratch,
-            "containerd",
-            None,
-            &dfdaemon.socket,
-            Some(&snapshot_socket),
-            &registry.host,
-        );
-        Self {
-            dfdaemon,
-            containerd,
-            metrics,
-        }
-    }
-
-    /// A CRI PullImage, as kubelet makes it.
-    async fn cri_pull(&self, reference: &str) -> Result<(), tonic::Status> {
-        let channel = containerd_client::connect(&self.containerd.socket)
-            .await
-            .expect("connect to containerd");
-        ImageServiceClient::new(channel)
-            .pull_image(PullImageRequest {
-                image: Some(ImageSpec {
-                    image: reference.to_owned(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .map(drop)
-    }
-
-    async fn metrics_text(&self) -> String {
-        damselfly::registry::install_crypto_provider();
-        reqwest::get(format!("http://{}/metrics", self.metrics))
-            .await
-            .expect("scrape dfdaemon")
-            .text()
-            .await
-            .unwrap()
-    }
-
-    /// Runs `ctr` in CRI's namespace; panics unless it succeeds.
-    fn k8s(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&self.containerd.socket)
-            .args(["--namespace", "k8s.io"])
-            .args(args)
-            .output()
-            .expect("run ctr");
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
+use common::snapshotter_node::{MULTI_V1_FILES, SnapshotterNode};
+use common::{Dfdaemon, Registry, Scratch, sha256_bytes, wait_for};
 
 /// dfdaemon's log lines about the fast path and its ingests.
 fn fast_path_lines(dfdaemon: &Dfdaemon) -> String {
@@ -127,24 +37,16 @@ fn snapshot_dirs(data_dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The files of `damselfly/multi:v1`'s non-empty layers, with their sizes
-/// (test-images/generate.py).
-const FILES: [(&str, u64); 4] = [
-    ("/damselfly/multi/tiny.txt", 7),
-    ("/damselfly/multi/gzip/notes.txt", 65543),
-    ("/damselfly/multi/zstd/notes.txt", 300003),
-    ("/damselfly/multi/tar/notes.txt", 500),
-];
-
 #[tokio::test(flavor = "multi_thread")]
 async fn cri_pull_is_unpacked_by_dfdaemon_and_runs() {
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("small");
     let image = catalog.image("damselfly/multi:v1");
-    let node = FastNode::start(&scratch, &registry);
+    let node = SnapshotterNode::start(&scratch, registry.upstream(), Vec::new(), Vec::new());
     let reference = format!("{}/{}", registry.host, image.reference);
-    node.cri_pull(&reference).await.expect("CRI PullImage");
+
+    node.cri_pull(&reference, None).await;
 
     let layers: Vec<_> = image
         .amd64_blobs()
@@ -166,45 +68,12 @@ async fn cri_pull_is_unpacked_by_dfdaemon_and_runs() {
         "no Prepare went containerd's way:\n{text}"
     );
 
-    let check = node.k8s(&["image", "check"]);
-    let line = check
-        .lines()
-        .find(|l| l.starts_with(&reference))
-        .expect("the image is listed");
-    assert!(line.contains("complete (6/6)"), "{check}");
+    node.assert_image_complete(&reference, 6);
     for layer in &layers {
-        let out = std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&node.containerd.socket)
-            .args(["--namespace", "k8s.io", "content", "get", &layer.digest])
-            .output()
-            .unwrap();
-        assert_eq!(sha256_bytes(&out.stdout), layer.digest, "content get");
+        let blob = node.k8s(&["content", "get", &layer.digest]);
+        assert_eq!(sha256_bytes(&blob), layer.digest, "content get");
     }
-
-    let mut run = vec![
-        "run",
-        "--rm",
-        "--snapshotter",
-        "damselfly",
-        "--mount",
-        "type=bind,src=/bin/busybox,dst=/bin/busybox,options=rbind:ro",
-        &reference,
-        "fast-path-probe",
-        "/bin/busybox",
-        "wc",
-        "-c",
-    ];
-    run.extend(FILES.iter().map(|(path, _)| *path));
-    let counted = node.k8s(&run);
-    for (path, size) in FILES {
-        assert!(
-            counted
-                .lines()
-                .any(|l| l.split_whitespace().eq([size.to_string().as_str(), path])),
-            "the container reads {path} ({size} bytes): {counted}"
-        );
-    }
+    node.assert_container_reads(&reference, &MULTI_V1_FILES);
 }
 
 /// A CRI pull given up midway (its client went away) stops dfdaemon's work
@@ -221,12 +90,13 @@ async fn a_cancelled_pull_stops_its_layers_and_a_retry_resumes_them() {
     let image_bytes: u64 = image.amd64_blobs().iter().map(|b| b.size).sum();
     // 256 MiB at 100 Mbit/s take about 22 s: the pull is caught midway.
     net.host("registry").shape(100);
-    let node = FastNode::start(&scratch, &registry);
+    let node = SnapshotterNode::start(&scratch, registry.upstream(), Vec::new(), Vec::new());
     let reference = format!("{}/{}", registry.host, image.reference);
     let tx = || net.host("registry").tx_bytes();
     let start_tx = tx();
 
-    let gave_up = tokio::time::timeout(Duration::from_secs(3), node.cri_pull(&reference)).await;
+    let gave_up =
+        tokio::time::timeout(Duration::from_secs(3), node.cri_pull(&reference, None)).await;
     assert!(gave_up.is_err(), "the pull was still running at 3 s");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !node
@@ -257,17 +127,16 @@ async fn a_cancelled_pull_stops_its_layers_and_a_retry_resumes_them() {
         "the job stopped midway ({sent} of {image_bytes} bytes sent)"
     );
     assert!(
-        node.k8s(&["snapshots", "--snapshotter", "damselfly", "ls"])
+        String::from_utf8_lossy(&node.k8s(&["snapshots", "--snapshotter", "damselfly", "ls"]))
             .lines()
             .count()
             <= 1,
         "containerd knows no snapshot of the image"
     );
 
-    tokio::time::timeout(Duration::from_secs(120), node.cri_pull(&reference))
+    tokio::time::timeout(Duration::from_secs(120), node.cri_pull(&reference, None))
         .await
-        .expect("the retry finishes")
-        .expect("the retried CRI PullImage");
+        .expect("the retried CRI PullImage finishes");
     let text = node.metrics_text().await;
     assert!(
         text.lines()
@@ -280,11 +149,5 @@ async fn a_cancelled_pull_stops_its_layers_and_a_retry_resumes_them() {
         "the retry resumed each blob: the registry sent {total} bytes for {image_bytes}; log:\n{}",
         fast_path_lines(&node.dfdaemon)
     );
-    let check = node.k8s(&["image", "check"]);
-    assert!(
-        check
-            .lines()
-            .any(|l| l.starts_with(&reference) && l.contains("complete (4/4)")),
-        "{check}"
-    );
+    node.assert_image_complete(&reference, 4);
 }

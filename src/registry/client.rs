@@ -2,7 +2,6 @@
 //! settings, its cached authorizations, and the blob fetch with a Range.
 
 use std::collections::HashMap;
-use std::error::Error as _;
 use std::fs;
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -244,21 +243,21 @@ pub fn transport_error(endpoint: &str, error: reqwest::Error) -> RegistryError {
     }
 }
 
-/// The rustls error behind `error`, if any (hyper wraps it in an io::Error).
-fn rustls_error(error: &reqwest::Error) -> Option<&rustls::Error> {
-    let mut cause = error.source();
+/// The rustls error behind `error`, if any. hyper-rustls wraps it in an
+/// io::Error inside another io::Error, and an io::Error's `source()` skips
+/// the error it wraps, so io::Errors are descended into with `get_ref()`.
+fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cause = Some(error);
     while let Some(error) = cause {
         if let Some(tls) = error.downcast_ref::<rustls::Error>() {
             return Some(tls);
         }
-        let inner = error
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-        if inner.is_some() {
-            return inner;
-        }
-        cause = error.source();
+        cause = match error.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
     }
     None
 }
@@ -355,5 +354,24 @@ impl Stream for BlobStream {
             self.skip = 0;
             return Poll::Ready(Some(Ok(chunk.slice(start..))));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+
+    #[test]
+    fn finds_the_rustls_error_inside_nested_io_errors() {
+        let untrusted =
+            || rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let as_hyper_rustls_does =
+            io::Error::other(io::Error::new(io::ErrorKind::InvalidData, untrusted()));
+        assert_eq!(rustls_error(&as_hyper_rustls_does), Some(&untrusted()));
+        let once = io::Error::new(io::ErrorKind::InvalidData, untrusted());
+        assert_eq!(rustls_error(&once), Some(&untrusted()));
+        assert_eq!(rustls_error(&io::Error::other("refused")), None);
     }
 }

@@ -82,7 +82,6 @@ pub fn endpoints(hosts_dir: &Path, host: &RegistryHost) -> Result<Vec<Endpoint>,
     }
 }
 
-/// The first of `<host>_<port>_`, `<host>` and `_default` that exists.
 /// The registry host a `containerd.io/distribution.source.<host>` label
 /// means. containerd (1.6) drops the port from that label's key, so a host
 /// without a port stands for the one configured `<host>:<port>` (or
@@ -117,6 +116,7 @@ pub fn label_host(hosts_dir: &Path, label: &RegistryHost) -> RegistryHost {
     }
 }
 
+/// The first of `<host>_<port>_`, `<host>` and `_default` that exists.
 fn host_dir(hosts_dir: &Path, host: &RegistryHost) -> Result<Option<PathBuf>, RegistryError> {
     let mut names = Vec::new();
     if let Some(port) = host.port() {

@@ -6,6 +6,8 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod netns;
+pub mod secure_registry;
+pub mod snapshotter_node;
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -22,6 +24,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use netns::{Host, command_in};
+use secure_registry::Secured;
 
 /// How long a process may take to come up.
 const STARTUP: Duration = Duration::from_secs(30);
@@ -395,10 +398,12 @@ impl Supernode {
 }
 
 /// A private docker-registry on a loopback port, or on port 5000 of a
-/// test-net host.
+/// test-net host; plain HTTP and anonymous, or (secure) HTTPS with a login.
 pub struct Registry {
     /// `ip:port` it listens on.
     pub host: String,
+    /// Its CA and login, if it is secure.
+    pub secured: Option<Secured>,
     _proc: Proc,
 }
 
@@ -410,6 +415,18 @@ impl Registry {
     /// Starts the registry inside `net_host`'s network namespace, listening
     /// on the host's address, port 5000; without one, on a free loopback port.
     pub fn start_in(scratch: &Scratch, net_host: Option<&Host>) -> Self {
+        Self::launch(scratch, net_host, None)
+    }
+
+    /// Starts a registry on a free loopback port that serves HTTPS with a
+    /// certificate for 127.0.0.1 from a CA of its own, and answers only
+    /// requests with its login (htpasswd, Basic).
+    pub fn start_secure(scratch: &Scratch) -> Self {
+        let dir = scratch.join("registry-tls");
+        Self::launch(scratch, None, Some(Secured::create(&dir)))
+    }
+
+    fn launch(scratch: &Scratch, net_host: Option<&Host>, secured: Option<Secured>) -> Self {
         let host = match net_host {
             Some(h) => format!("{}:5000", h.ip()),
             None => format!("127.0.0.1:{}", free_port()),
@@ -420,8 +437,9 @@ impl Registry {
         fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
-                storage.display()
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n{}",
+                storage.display(),
+                secured.as_ref().map(Secured::registry_config).unwrap_or_default()
             ),
         )
         .unwrap();
@@ -433,13 +451,33 @@ impl Registry {
             scratch.join("registry.log"),
         );
         proc.wait_until("listen", || std::net::TcpStream::connect(&host).is_ok());
-        Self { host, _proc: proc }
+        Self {
+            host,
+            secured,
+            _proc: proc,
+        }
+    }
+
+    /// How containerd reaches this registry.
+    pub fn upstream(&self) -> Upstream<'_> {
+        Upstream {
+            host: &self.host,
+            ca: self.secured.as_ref().map(|s| s.ca.as_path()),
+        }
     }
 
     /// Pushes a test image set (see test-images/) and returns its catalog.
     pub fn push(&self, set: &str) -> Catalog {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("test-images/push.sh");
-        let out = Command::new(&script)
+        let mut command = Command::new(&script);
+        if let Some(secured) = &self.secured {
+            command
+                .arg("--cert-dir")
+                .arg(secured.ca_dir())
+                .arg("--creds")
+                .arg(secured.creds());
+        }
+        let out = command
             .arg(&self.host)
             .arg(set)
             .output()
@@ -457,6 +495,46 @@ impl Registry {
             .expect("push.sh names its catalog");
         serde_json::from_slice(&fs::read(path.trim()).expect("read catalog"))
             .expect("parse catalog")
+    }
+}
+
+/// How containerd (and dfdaemon's registry client) reach a registry: its
+/// `host:port`, over HTTPS trusting `ca` if there is one, else plain HTTP.
+#[derive(Clone, Copy)]
+pub struct Upstream<'a> {
+    pub host: &'a str,
+    pub ca: Option<&'a Path>,
+}
+
+impl<'a> From<&'a str> for Upstream<'a> {
+    /// A plain-HTTP registry.
+    fn from(host: &'a str) -> Self {
+        Self { host, ca: None }
+    }
+}
+
+impl<'a> From<&'a String> for Upstream<'a> {
+    fn from(host: &'a String) -> Self {
+        Self::from(host.as_str())
+    }
+}
+
+impl Upstream<'_> {
+    /// Writes `<hosts_dir>/<host>/hosts.toml`, containerd's configuration
+    /// of this registry (pull and resolve, its CA if any).
+    pub fn write_hosts_toml(&self, hosts_dir: &Path) {
+        let (scheme, ca) = match self.ca {
+            Some(ca) => ("https", format!("ca = \"{}\"\n", ca.display())),
+            None => ("http", String::new()),
+        };
+        let url = format!("{scheme}://{}", self.host);
+        let dir = hosts_dir.join(self.host);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("hosts.toml"),
+            format!("server = \"{url}\"\n{ca}[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  {ca}"),
+        )
+        .unwrap();
     }
 }
 
@@ -545,23 +623,19 @@ impl Containerd {
     }
 
     /// Like [`Containerd::start_in`]; with `snapshot_socket`, dfdaemon is
-    /// also its snapshotter, named `damselfly`, and CRI's default one.
-    pub fn start_with(
+    /// also its snapshotter, named `damselfly`, and CRI's default one;
+    /// `registry` may be a secure one ([`Registry::upstream`]).
+    pub fn start_with<'a>(
         scratch: &Scratch,
         name: &str,
         host: Option<&Host>,
         plugin_socket: &Path,
         snapshot_socket: Option<&Path>,
-        registry: &str,
+        registry: impl Into<Upstream<'a>>,
     ) -> Self {
         let dir = scratch.join(name);
         let certs = dir.join("certs.d");
-        fs::create_dir_all(certs.join(registry)).unwrap();
-        fs::write(
-            certs.join(registry).join("hosts.toml"),
-            format!("server = \"http://{registry}\"\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
-        )
-        .unwrap();
+        registry.into().write_hosts_toml(&certs);
         let socket = dir.join("c.sock");
         let root = dir.join("root");
         let config = dir.join("config.toml");

@@ -1,0 +1,172 @@
+//! A node whose dfdaemon is containerd's snapshotter as well as its content
+//! store, with the fast path on, and the kubelet-side of a test against it:
+//! a CRI pull, dfdaemon's metrics, `ctr` in CRI's namespace, and a container
+//! run from the pulled image.
+
+use std::process::Command;
+
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
+
+use super::{Containerd, Dfdaemon, Scratch, Upstream, free_port};
+
+/// The files of `damselfly/multi:v1`'s non-empty layers, with their sizes
+/// (test-images/generate.py).
+pub const MULTI_V1_FILES: [(&str, u64); 4] = [
+    ("/damselfly/multi/tiny.txt", 7),
+    ("/damselfly/multi/gzip/notes.txt", 65543),
+    ("/damselfly/multi/zstd/notes.txt", 300003),
+    ("/damselfly/multi/tar/notes.txt", 500),
+];
+
+/// A dfdaemon (named `dfdaemon` in the scratch dir) told containerd's
+/// socket and hosts dir, and the containerd (`containerd`) that uses it as
+/// its content store and CRI's snapshotter `damselfly`.
+pub struct SnapshotterNode {
+    pub containerd: Containerd,
+    pub dfdaemon: Dfdaemon,
+    /// dfdaemon's metrics address, `127.0.0.1:<port>`.
+    pub metrics: String,
+}
+
+impl SnapshotterNode {
+    /// Starts the pair for `registry`, dfdaemon with `dfdaemon_args` after
+    /// its own and environment `env`.
+    pub fn start(
+        scratch: &Scratch,
+        registry: Upstream<'_>,
+        dfdaemon_args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Self {
+        let (containerd_socket, hosts_dir) = Containerd::paths(scratch, "containerd");
+        let snapshot_socket = scratch.join("snapshot.sock");
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<String> = [
+            "--snapshot-socket",
+            &snapshot_socket.display().to_string(),
+            "--containerd-socket",
+            &containerd_socket.display().to_string(),
+            "--hosts-dir",
+            &hosts_dir.display().to_string(),
+            "--metrics-listen",
+            &metrics,
+        ]
+        .map(str::to_owned)
+        .into();
+        args.extend(dfdaemon_args);
+        let dfdaemon = Dfdaemon::start_in_with_env(scratch, "dfdaemon", None, args, env);
+        let containerd = Containerd::start_with(
+            scratch,
+            "containerd",
+            None,
+            &dfdaemon.socket,
+            Some(&snapshot_socket),
+            registry,
+        );
+        Self {
+            containerd,
+            dfdaemon,
+            metrics,
+        }
+    }
+
+    /// Pulls `reference` through CRI, as kubelet does, with a login if given
+    /// (as kubelet sends an imagePullSecret).
+    pub async fn cri_pull(&self, reference: &str, login: Option<(&str, &str)>) {
+        let channel = containerd_client::connect(&self.containerd.socket)
+            .await
+            .expect("connect to containerd");
+        let auth = login.map(|(username, password)| AuthConfig {
+            username: username.to_owned(),
+            password: password.to_owned(),
+            ..Default::default()
+        });
+        ImageServiceClient::new(channel)
+            .pull_image(PullImageRequest {
+                image: Some(ImageSpec {
+                    image: reference.to_owned(),
+                    ..Default::default()
+                }),
+                auth,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|status| {
+                panic!(
+                    "CRI PullImage {reference}: {status}\ndfdaemon log:\n{}",
+                    self.dfdaemon.log_text()
+                )
+            });
+    }
+
+    /// dfdaemon's `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        damselfly::registry::install_crypto_provider();
+        reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .expect("scrape dfdaemon")
+            .text()
+            .await
+            .expect("read dfdaemon's metrics")
+    }
+
+    /// Runs `ctr` in CRI's namespace `k8s.io`; its stdout, panicking on failure.
+    pub fn k8s(&self, args: &[&str]) -> Vec<u8> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.containerd.socket)
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .expect("run ctr");
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// Checks that `ctr image check` finds every one of the `blobs` of
+    /// image `reference`.
+    pub fn assert_image_complete(&self, reference: &str, blobs: usize) {
+        let check = String::from_utf8_lossy(&self.k8s(&["image", "check"])).into_owned();
+        let line = check
+            .lines()
+            .find(|l| l.starts_with(reference))
+            .unwrap_or_else(|| panic!("{reference} is not listed:\n{check}"));
+        assert!(
+            line.contains(&format!("complete ({blobs}/{blobs})")),
+            "{check}"
+        );
+    }
+
+    /// Runs a container of image `reference` on the `damselfly` snapshotter
+    /// (with runc, busybox bound in) and checks that it reads each of
+    /// `files` with its size.
+    pub fn assert_container_reads(&self, reference: &str, files: &[(&str, u64)]) {
+        let mut run = vec![
+            "run",
+            "--rm",
+            "--snapshotter",
+            "damselfly",
+            "--mount",
+            "type=bind,src=/bin/busybox,dst=/bin/busybox,options=rbind:ro",
+            reference,
+            "damselfly-probe",
+            "/bin/busybox",
+            "wc",
+            "-c",
+        ];
+        run.extend(files.iter().map(|(path, _)| *path));
+        let counted = String::from_utf8_lossy(&self.k8s(&run)).into_owned();
+        for (path, size) in files {
+            assert!(
+                counted
+                    .lines()
+                    .any(|l| l.split_whitespace().eq([size.to_string().as_str(), path])),
+                "the container reads {path} ({size} bytes): {counted}"
+            );
+        }
+    }
+}
