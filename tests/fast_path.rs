@@ -5,10 +5,7 @@
 
 mod common;
 
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::{ImageSpec, PullImageRequest};
-
-use common::{Containerd, Dfdaemon, Registry, Scratch, free_port, sha256_bytes};
+use common::{Containerd, Dfdaemon, Registry, Scratch, free_port, scrape, sha256_bytes};
 
 /// The files of `damselfly/multi:v1`'s non-empty layers, with their sizes
 /// (test-images/generate.py).
@@ -47,38 +44,20 @@ async fn cri_pull_is_unpacked_by_dfdaemon_and_runs() {
         &scratch,
         "containerd",
         None,
-        &dfdaemon.socket,
+        Some(&dfdaemon.socket),
         Some(&snapshot_socket),
         &registry.host,
     );
     let reference = format!("{}/{}", registry.host, image.reference);
 
-    let channel = containerd_client::connect(&containerd.socket)
-        .await
-        .expect("connect to containerd");
-    ImageServiceClient::new(channel)
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: reference.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect("CRI PullImage");
+    containerd.cri_pull(&reference).await;
 
     let layers: Vec<_> = image
         .amd64_blobs()
         .into_iter()
         .filter(|b| b.kind == "layer")
         .collect();
-    damselfly::registry::install_crypto_provider();
-    let text = reqwest::get(format!("http://{metrics}/metrics"))
-        .await
-        .expect("scrape dfdaemon")
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&metrics).await;
     let unpacked = format!(
         "damselfly_dfdaemon_unpacked_layers_total{{source=\"registry\"}} {}",
         layers.len()
@@ -94,19 +73,7 @@ async fn cri_pull_is_unpacked_by_dfdaemon_and_runs() {
     );
 
     let k8s = |args: &[&str]| {
-        let out = std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&containerd.socket)
-            .args(["--namespace", "k8s.io"])
-            .args(args)
-            .output()
-            .expect("run ctr");
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        String::from_utf8(containerd.ctr_in_ok("k8s.io", args)).expect("utf-8 from ctr")
     };
     let check = k8s(&["image", "check"]);
     let line = check
@@ -115,13 +82,8 @@ async fn cri_pull_is_unpacked_by_dfdaemon_and_runs() {
         .expect("the image is listed");
     assert!(line.contains("complete (6/6)"), "{check}");
     for layer in &layers {
-        let out = std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&containerd.socket)
-            .args(["--namespace", "k8s.io", "content", "get", &layer.digest])
-            .output()
-            .unwrap();
-        assert_eq!(sha256_bytes(&out.stdout), layer.digest, "content get");
+        let blob = containerd.ctr_in_ok("k8s.io", &["content", "get", &layer.digest]);
+        assert_eq!(sha256_bytes(&blob), layer.digest, "content get");
     }
 
     let mut run = vec![
