@@ -20,7 +20,7 @@ use crate::mesh::session::BlobSession;
 use crate::registry::{Registries, RegistryError};
 use crate::store::image_index::ImageLayer;
 use crate::store::{Digest, Ingest, Store, StoreError};
-use crate::unpack::{Applied, Compression, UnpackError, apply_layer};
+use crate::unpack::{Applied, Compression, UnpackError, Whiteouts, apply_layer};
 
 /// Chunks buffered between the fetch and the unpacker.
 const CHANNEL_CHUNKS: usize = 64;
@@ -116,9 +116,16 @@ impl Fetch {
                 source,
             }
         })?;
+        let whiteouts = Whiteouts::for_layer(&layer.chain_id, &layer.diff_id);
         let (chunks, receiver) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
         let unpacker = tokio::task::spawn_blocking(move || {
-            apply_layer(ChannelReader::new(receiver), compression, &dir, &[])
+            apply_layer(
+                ChannelReader::new(receiver),
+                compression,
+                &dir,
+                &[],
+                whiteouts,
+            )
         });
         let fed = self.feed(layer, &chunks).await;
         drop(chunks);

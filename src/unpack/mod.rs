@@ -61,6 +61,30 @@ impl UnpackError {
     }
 }
 
+/// What whiteouts do, which containerd decides by the layer's place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// A layer over others: a whiteout becomes overlayfs's 0:0 char device,
+    /// an opaque marker its `trusted.overlay.opaque` xattr.
+    Overlay,
+    /// The bottom layer (containerd applies it through a bind mount): a
+    /// whiteout removes what it names, an opaque marker removes what this
+    /// layer has not written in its directory.
+    Remove,
+}
+
+impl Whiteouts {
+    /// For a layer at chain `chain_id` with `diff_id`: only the bottom
+    /// layer's chain ID is its diff_id.
+    pub fn for_layer(chain_id: &crate::store::Digest, diff_id: &crate::store::Digest) -> Self {
+        if chain_id == diff_id {
+            Self::Remove
+        } else {
+            Self::Overlay
+        }
+    }
+}
+
 /// Applies one layer read from `blob` to `root` (an empty overlay upper dir), with `parents`
 /// (the lower dirs, nearest first) for the attributes of implicitly created parent directories.
 /// Blocking; call from spawn_blocking.
@@ -69,19 +93,21 @@ pub fn apply_layer(
     compression: Compression,
     root: &Path,
     parents: &[PathBuf],
+    whiteouts: Whiteouts,
 ) -> Result<Applied, UnpackError> {
-    apply::apply(blob, compression, root, parents)
+    apply::apply(blob, compression, root, parents, whiteouts)
 }
 
 /// For a layer applied before its parents existed (layers unpacked in parallel): copies the
-/// attributes of each implicit dir from the nearest parent that has it, as apply_layer would have.
+/// owner, mode and xattrs of each implicit dir from the nearest parent that has it, as
+/// apply_layer would have.
 pub fn inherit_implicit_dirs(
     root: &Path,
     implicit_dirs: &[PathBuf],
     parents: &[PathBuf],
 ) -> Result<(), UnpackError> {
     for dir in implicit_dirs {
-        if let Some(lower) = attrs::nearest_dir(parents, dir) {
+        if let Some(lower) = attrs::nearest_dir(parents, dir)? {
             attrs::copy_dir_attrs(&lower, &root.join(dir))?;
         }
     }
