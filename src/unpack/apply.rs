@@ -78,7 +78,7 @@ struct Layer<'a> {
     parents: &'a [PathBuf],
     whiteouts: Whiteouts,
     /// What this layer wrote (relative), which an opaque marker keeps when
-    /// whiteouts remove.
+    /// whiteouts remove (kept only then).
     unpacked: HashSet<PathBuf>,
     entries: u64,
     implicit_dirs: Vec<PathBuf>,
@@ -176,7 +176,9 @@ impl Layer<'_> {
             }
         }
         attrs::set_owner_xattrs_mode(&target, &attrs)?;
-        self.unpacked.insert(rel);
+        if self.whiteouts == Whiteouts::Remove {
+            self.unpacked.insert(rel);
+        }
         if kind == EntryType::Directory {
             self.dir_times.push((target, attrs.atime, attrs.mtime));
         } else {
