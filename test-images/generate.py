@@ -234,6 +234,8 @@ def tricky_set() -> list[Image]:
         Entry("mt/a", size=3),
         Entry("mt/sub/", d, mtime=1300000001),
         Entry("mt/sub/b", size=3),
+        Entry("times/before-1970", size=3, mtime=-100),  # containerd: the epoch
+        Entry("times/after-2262", size=3, mtime=32503680000),  # year 3000: the epoch
         Entry("late/f", size=3),
         Entry("late/", d, mode=0o711, mtime=1300000002),  # after its child
     ))

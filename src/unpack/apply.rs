@@ -316,8 +316,13 @@ fn entry_attrs<R: Read>(entry: &mut tar::Entry<R>) -> Result<Attrs, UnpackError>
     let mode = header.mode().map_err(UnpackError::BadTar)?;
     let mut uid = header.uid().map_err(UnpackError::BadTar)? as u32;
     let mut gid = header.gid().map_err(UnpackError::BadTar)? as u32;
-    let mut mtime =
-        FileTime::from_unix_time(header.mtime().map_err(UnpackError::BadTar)? as i64, 0);
+    let mut mtime = FileTime::from_unix_time(
+        header
+            .mtime()
+            .map_err(UnpackError::BadTar)?
+            .min(i64::MAX as u64) as i64,
+        0,
+    );
     let mut atime = None;
     let mut xattrs = Vec::new();
     if let Some(pax) = entry.pax_extensions().map_err(UnpackError::BadTar)? {
@@ -345,10 +350,21 @@ fn entry_attrs<R: Read>(entry: &mut tar::Entry<R>) -> Result<Attrs, UnpackError>
         uid,
         gid,
         mode,
-        atime,
-        mtime,
+        atime: bound_time(atime),
+        mtime: bound_time(mtime),
         xattrs,
     })
+}
+
+/// A time before 1970 or past what nanoseconds in an i64 hold (2262) is the
+/// epoch, as containerd's `boundTime` makes it.
+fn bound_time(time: FileTime) -> FileTime {
+    const MAX: (i64, u32) = (i64::MAX / 1_000_000_000, (i64::MAX % 1_000_000_000) as u32);
+    if time.unix_seconds() < 0 || (time.unix_seconds(), time.nanoseconds()) > MAX {
+        FileTime::zero()
+    } else {
+        time
+    }
 }
 
 /// A PAX `uid` or `gid` (ids too big for the ustar header).

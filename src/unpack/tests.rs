@@ -590,3 +590,32 @@ fn truncated_gzip_is_a_compression_error() {
     .unwrap_err();
     assert!(matches!(err, UnpackError::BadCompression { .. }), "{err}");
 }
+
+#[test]
+fn times_out_of_range_are_the_epoch() {
+    let d = dirs();
+    let timed = |name, mtime: &'static [u8]| {
+        let mut f = e(name, EntryType::Regular);
+        f.pax = vec![("mtime", mtime)];
+        f
+    };
+    let mut huge = e("huge", EntryType::Regular);
+    huge.mtime = 0o77777777777;
+    apply(
+        &tar(&[
+            timed("before", b"-100.5"),
+            timed("after", b"32503680000"),
+            huge,
+        ]),
+        &d.root,
+    )
+    .unwrap();
+    for name in ["before", "after"] {
+        let m = fs::metadata(d.root.join(name)).unwrap();
+        assert_eq!((m.mtime(), m.mtime_nsec(), m.atime()), (0, 0, 0), "{name}");
+    }
+    assert_eq!(
+        fs::metadata(d.root.join("huge")).unwrap().mtime(),
+        0o77777777777
+    );
+}
