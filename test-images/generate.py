@@ -194,6 +194,8 @@ def tricky_set() -> list[Image]:
         Entry("opt/app/old", size=13),
         Entry("srv/", d, mode=0o750, uid=1000, gid=1001, mtime=1400000000,
               xattrs=(("user.tag", b"srv-lower"),)),
+        Entry("keep-old/", d, mode=0o750, mtime=1450000000),
+        Entry("keep-old/f", size=4),
         Entry("r/", d),
         Entry("r/f2d", size=5),
         Entry("r/d2f/", d),
@@ -228,6 +230,8 @@ def tricky_set() -> list[Image]:
         Entry("dev/loop0", "block", mode=0o660, gid=6, dev=(7, 0)),
         Entry("dev/fifo", "fifo", mode=0o620, uid=5),
         Entry("srv/data/x", size=9),  # srv/ comes from the layer below
+        Entry("srv/", d, mode=0o705, mtime=1450000001),  # then described: user.tag stays
+        Entry("data/implicit/f", size=9),  # an implicit dir in a setgid one: 0755
         Entry("new/deep/file", size=9),  # no new/ anywhere
         Entry("lib/implicit.so", size=9),  # lib is a symlink below
         Entry("mt/", d, mtime=1300000000),
@@ -252,6 +256,7 @@ def tricky_set() -> list[Image]:
     ))
     top = Layer("tricky-top", "gzip", tar_format="pax", entries=(
         Entry("opt/app/extra", size=18),  # opt/app is opaque below
+        Entry("keep-old/.wh..wh..opq"),  # implicit, childless: keeps its lower mtime
         Entry("var/", d, mtime=1200000000, xattrs=(("trusted.overlay.opaque", b"y"),)),
         Entry("lnkabs", s, link="/srv"),
         Entry("lnkabs/via-absolute", size=19),

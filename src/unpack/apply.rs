@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::io::{self, BufReader, Read};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use filetime::FileTime;
@@ -17,7 +17,7 @@ use tar::EntryType;
 use super::attrs::{self, Attrs};
 use super::decompress::{Compression, Hashing, TAR_BUF};
 use super::path;
-use super::{Applied, UnpackError, Whiteouts};
+use super::{Applied, ImplicitDir, UnpackError, Whiteouts};
 
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -81,7 +81,7 @@ struct Layer<'a> {
     /// whiteouts remove (kept only then).
     unpacked: HashSet<PathBuf>,
     entries: u64,
-    implicit_dirs: Vec<PathBuf>,
+    implicit_dirs: Vec<ImplicitDir>,
     dir_times: Vec<(PathBuf, FileTime, FileTime)>,
 }
 
@@ -115,6 +115,7 @@ impl Layer<'_> {
         if base == OPAQUE {
             return self.opaque(&parent);
         }
+        self.written_into(&parent, &rel, kind == EntryType::Directory);
         if let Some(hidden) = base.strip_prefix(WHITEOUT) {
             return self.whiteout(&parent.join(hidden), &attrs);
         }
@@ -269,6 +270,19 @@ impl Layer<'_> {
         Ok(path::resolve(self.root, link.parent().unwrap_or(Path::new("")))?.join(base))
     }
 
+    /// Notes that `rel` is being created in `parent` (both relative): an
+    /// implicit `parent` is no longer childless, and an implicit `rel` that
+    /// a directory entry names is described.
+    fn written_into(&mut self, parent: &Path, rel: &Path, is_dir: bool) {
+        for dir in self.implicit_dirs.iter_mut().rev() {
+            if dir.path == parent {
+                dir.childless = false;
+            } else if is_dir && dir.path == rel {
+                dir.described = true;
+            }
+        }
+    }
+
     /// Creates the missing dirs of `parent` (resolved, relative), each with
     /// the attributes of the nearest lower dir that has it, else mode 0755
     /// owned by root.
@@ -288,14 +302,23 @@ impl Layer<'_> {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(UnpackError::io(format!("lstat {}", dir.display()))(e)),
             }
+            if let Some(above) = rel.parent() {
+                self.written_into(above, &rel, false);
+            }
             fs::DirBuilder::new()
-                .mode(0o755)
                 .create(&dir)
                 .map_err(UnpackError::io(format!("mkdir {}", dir.display())))?;
+            // Explicitly: neither the umask nor a setgid parent decides it.
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+                .map_err(UnpackError::io(format!("chmod {}", dir.display())))?;
             if let Some(lower) = attrs::nearest_dir(self.parents, &rel)? {
-                attrs::copy_dir_attrs(&lower, &dir)?;
+                attrs::copy_dir_attrs(&lower, &dir, attrs::DirAttrs::All)?;
             }
-            self.implicit_dirs.push(rel.clone());
+            self.implicit_dirs.push(ImplicitDir {
+                path: rel.clone(),
+                described: false,
+                childless: true,
+            });
         }
         Ok(())
     }

@@ -84,10 +84,19 @@ pub fn nearest_dir(parents: &[PathBuf], rel: &Path) -> Result<Option<PathBuf>, U
     Ok(None)
 }
 
-/// Copies owner, xattrs and mode of directory `from` onto `to`. Not its
-/// times: containerd copies them too, but creating the entry inside the
-/// directory then sets its mtime to the clock, which is what stays.
-pub fn copy_dir_attrs(from: &Path, to: &Path) -> Result<(), UnpackError> {
+/// What [`copy_dir_attrs`] copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirAttrs {
+    /// Owner, xattrs, mode and times (containerd's copy into a new implicit dir).
+    All,
+    /// The same but times: creating an entry inside has since set the clock's.
+    AllButTimes,
+    /// Only the xattrs `to` lacks (containerd copies without replacing).
+    MissingXattrs,
+}
+
+/// Copies attributes of directory `from` onto `to` (`trusted.*` never).
+pub fn copy_dir_attrs(from: &Path, to: &Path, which: DirAttrs) -> Result<(), UnpackError> {
     let meta =
         fs::symlink_metadata(from).map_err(UnpackError::io(format!("lstat {}", from.display())))?;
     let mut xattrs = Vec::new();
@@ -108,7 +117,30 @@ pub fn copy_dir_attrs(from: &Path, to: &Path) -> Result<(), UnpackError> {
         mtime: FileTime::from_last_modification_time(&meta),
         xattrs,
     };
-    set_owner_xattrs_mode(to, &attrs)
+    if which == DirAttrs::MissingXattrs {
+        return set_missing_xattrs(to, &attrs.xattrs);
+    }
+    set_owner_xattrs_mode(to, &attrs)?;
+    if which == DirAttrs::All {
+        set_times(to, attrs.atime, attrs.mtime)?;
+    }
+    Ok(())
+}
+
+fn set_missing_xattrs(to: &Path, xattrs: &[(String, Vec<u8>)]) -> Result<(), UnpackError> {
+    for (name, value) in xattrs.iter().filter(|(name, _)| !name.starts_with(TRUSTED)) {
+        let present = xattr::get(to, name).map_err(UnpackError::io(format!(
+            "getxattr {name} on {}",
+            to.display()
+        )))?;
+        if present.is_none() {
+            xattr::set(to, name, value).map_err(UnpackError::io(format!(
+                "setxattr {name} on {}",
+                to.display()
+            )))?;
+        }
+    }
+    Ok(())
 }
 
 fn is_file_or_dir(path: &Path) -> bool {

@@ -24,9 +24,22 @@ pub struct Applied {
     pub diff_id: crate::store::Digest,
     pub tar_bytes: u64,
     pub entries: u64,
-    /// Directories created implicitly (not in the tar) because an entry's parent was missing,
-    /// relative to root; their attributes were copied from `parents` where a parent held them.
-    pub implicit_dirs: Vec<PathBuf>,
+    /// Directories created implicitly (not in the tar) because an entry's parent was missing;
+    /// their attributes were copied from `parents` where a parent held them.
+    pub implicit_dirs: Vec<ImplicitDir>,
+}
+
+/// A directory a layer created because an entry's parent was missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImplicitDir {
+    /// Relative to the root.
+    pub path: PathBuf,
+    /// A later entry of the layer described the directory itself: its own
+    /// owner, mode and times won; of a lower dir's, only xattrs it lacks stay.
+    pub described: bool,
+    /// Nothing was created in it (it holds only an opaque marker), so it
+    /// keeps a lower dir's times too.
+    pub childless: bool,
 }
 
 /// Why a layer could not be applied.
@@ -99,16 +112,22 @@ pub fn apply_layer(
 }
 
 /// For a layer applied before its parents existed (layers unpacked in parallel): copies the
-/// owner, mode and xattrs of each implicit dir from the nearest parent that has it, as
-/// apply_layer would have.
+/// attributes of each implicit dir from the nearest parent that has it, leaving what
+/// apply_layer would have left: owner, mode and xattrs, times only for a childless dir, and
+/// only missing xattrs for a dir a later entry described.
 pub fn inherit_implicit_dirs(
     root: &Path,
-    implicit_dirs: &[PathBuf],
+    implicit_dirs: &[ImplicitDir],
     parents: &[PathBuf],
 ) -> Result<(), UnpackError> {
     for dir in implicit_dirs {
-        if let Some(lower) = attrs::nearest_dir(parents, dir)? {
-            attrs::copy_dir_attrs(&lower, &root.join(dir))?;
+        if let Some(lower) = attrs::nearest_dir(parents, &dir.path)? {
+            let which = match (dir.described, dir.childless) {
+                (true, _) => attrs::DirAttrs::MissingXattrs,
+                (false, true) => attrs::DirAttrs::All,
+                (false, false) => attrs::DirAttrs::AllButTimes,
+            };
+            attrs::copy_dir_attrs(&lower, &root.join(&dir.path), which)?;
         }
     }
     Ok(())

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
+use filetime::FileTime;
 use tar::{EntryType, Header};
 
 use super::*;
@@ -85,6 +86,13 @@ fn dirs() -> Dirs {
     }
 }
 
+/// The paths of implicit dirs, for comparisons.
+fn paths(dirs: &[ImplicitDir]) -> Vec<String> {
+    dirs.iter()
+        .map(|d| d.path.to_string_lossy().into_owned())
+        .collect()
+}
+
 fn apply(tar: &[u8], root: &Path) -> Result<Applied, UnpackError> {
     apply_layer(tar, Compression::None, root, &[], Whiteouts::Overlay)
 }
@@ -136,7 +144,7 @@ fn file_types_modes_owners_times() {
     ]);
     let applied = apply(&t, &d.root).unwrap();
     assert_eq!(applied.entries, 7);
-    assert_eq!(applied.implicit_dirs, vec![PathBuf::from("dev")]);
+    assert_eq!(paths(&applied.implicit_dirs), ["dev"]);
     let r = &d.root;
     let su = fs::metadata(r.join("bin/su")).unwrap();
     assert_eq!(
@@ -192,7 +200,7 @@ fn xattrs_pax_long_names_and_times() {
         (m.mtime(), m.mtime_nsec(), m.uid()),
         (1_500_000_000, 250_000_000, 5)
     );
-    assert_eq!(applied.implicit_dirs, vec![PathBuf::from("d".repeat(120))]);
+    assert_eq!(paths(&applied.implicit_dirs), ["d".repeat(120)]);
 }
 
 #[test]
@@ -246,10 +254,7 @@ fn implicit_parents_copy_lower_attrs_and_inherit() {
         Whiteouts::Overlay,
     )
     .unwrap();
-    assert_eq!(
-        applied.implicit_dirs,
-        vec![PathBuf::from("usr"), PathBuf::from("usr/lib")]
-    );
+    assert_eq!(paths(&applied.implicit_dirs), ["usr", "usr/lib"]);
     let check = |root: &Path| {
         let usr = fs::metadata(root.join("usr")).unwrap();
         assert_eq!((usr.mode() & 0o7777, usr.uid(), usr.gid()), (0o1750, 7, 8));
@@ -618,4 +623,66 @@ fn times_out_of_range_are_the_epoch() {
         fs::metadata(d.root.join("huge")).unwrap().mtime(),
         0o77777777777
     );
+}
+
+#[test]
+fn implicit_dirs_end_alike_applied_over_parents_or_inherited_later() {
+    let d = dirs();
+    let lower = d.sentinel.join("lower");
+    for dir in ["described", "childless", "written"] {
+        fs::create_dir_all(lower.join(dir)).unwrap();
+        fs::set_permissions(
+            lower.join(dir),
+            std::os::unix::fs::PermissionsExt::from_mode(0o750),
+        )
+        .unwrap();
+        xattr::set(lower.join(dir), "user.lower", b"1").unwrap();
+        filetime::set_file_mtime(lower.join(dir), FileTime::from_unix_time(1234, 0)).unwrap();
+    }
+    let mut described = e("described/", EntryType::Directory);
+    described.mode = 0o705;
+    described.mtime = 99;
+    let mut setgid = e("sg/", EntryType::Directory);
+    setgid.mode = 0o2775;
+    let t = tar(&[
+        e("described/f", EntryType::Regular),
+        described,
+        e("childless/.wh..wh..opq", EntryType::Regular),
+        e("written/f", EntryType::Regular),
+        setgid,
+        e("sg/implicit/f", EntryType::Regular),
+    ]);
+    let over = d.sentinel.join("over");
+    let later = d.sentinel.join("later");
+    for root in [&over, &later] {
+        fs::create_dir(root).unwrap();
+    }
+    let parents = std::slice::from_ref(&lower);
+    apply_layer(
+        &t[..],
+        Compression::None,
+        &over,
+        parents,
+        Whiteouts::Overlay,
+    )
+    .unwrap();
+    let applied = apply(&t, &later).unwrap();
+    inherit_implicit_dirs(&later, &applied.implicit_dirs, parents).unwrap();
+    for root in [&over, &later] {
+        let attrs = |dir: &str| {
+            let m = fs::metadata(root.join(dir)).unwrap();
+            let x = xattr::get(root.join(dir), "user.lower").unwrap();
+            (m.mode() & 0o7777, m.mtime(), x)
+        };
+        let one = Some(b"1".to_vec());
+        assert_eq!(attrs("described"), (0o705, 99, one.clone()), "{root:?}");
+        assert_eq!(attrs("childless"), (0o750, 1234, one.clone()), "{root:?}");
+        let (mode, mtime, x) = attrs("written");
+        assert!((mode, x) == (0o750, one) && mtime > 1234, "{root:?}");
+        assert_eq!(
+            attrs("sg/implicit").0,
+            0o755,
+            "{root:?}: not the setgid parent's"
+        );
+    }
 }
