@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use damselfly::unpack::{Compression, apply_layer};
+use damselfly::unpack::{Compression, Whiteouts, apply_layer};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -18,7 +18,13 @@ fn main() -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(root)?;
     let start = Instant::now();
-    let applied = apply_layer(std::fs::File::open(blob)?, compression, root.as_ref(), &[])?;
+    let applied = apply_layer(
+        std::fs::File::open(blob)?,
+        compression,
+        root.as_ref(),
+        &[],
+        Whiteouts::Overlay,
+    )?;
     let secs = start.elapsed().as_secs_f64();
     println!(
         "{} entries, {} tar bytes in {secs:.2}s: {:.0} MB/s, diff_id {}",

@@ -51,12 +51,35 @@ class File:
 
 
 @dataclass(frozen=True)
+class Entry:
+    """Any tar entry with explicit metadata (the `tricky` set): kind is one of
+    file, dir, symlink, hardlink, char, block, fifo; a file's body is `size`
+    bytes of text seeded like a File's; `link` is the symlink or hardlink
+    target; xattrs become PAX `SCHILY.xattr.*` records."""
+
+    path: str
+    kind: str = "file"
+    mode: int | None = None  # default: 0755 for dirs, 0777 for symlinks, else 0644
+    uid: int = 0
+    gid: int = 0
+    mtime: int | float = MTIME
+    size: int = 0
+    link: str = ""
+    dev: tuple[int, int] = (0, 0)
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
 class Layer:
-    """A layer; its name seeds the contents, so equal layers give equal blobs."""
+    """A layer; its name seeds the contents, so equal layers give equal blobs.
+    Its tar holds the parent dirs of `files`, the files, then `entries` as
+    given, with headers in `tar_format` (ustar, pax or gnu)."""
 
     name: str
     compression: str
     files: tuple[File, ...] = ()
+    entries: tuple[Entry, ...] = ()
+    tar_format: str = "ustar"
 
 
 @dataclass(frozen=True)
@@ -141,11 +164,116 @@ def bench_image(name: str, mib_sizes: list[int]) -> Image:
     return Image(f"damselfly/{name}", "v1", (Platform("amd64", layers),))
 
 
+# security.capability, VFS_CAP_REVISION_2 with the effective bit: cap_net_bind_service
+# (bit 10) permitted and effective, nothing inheritable.
+CAP_NET_BIND_SERVICE = bytes([1, 0, 0, 2, 0, 4, 0, 0] + [0] * 12)
+LONG_DIR = "damselfly/tricky/" + "long-directory-name-" * 4
+LONG_TARGET = "/".join(["a-long-symlink-target-component"] * 5)
+
+
+def tricky_set() -> list[Image]:
+    """One image whose four layers hold every kind of entry and attribute
+    containerd's applier handles (see README.md); the layers are written
+    with explicit headers, so they need no File contents."""
+    d, f, s, h = "dir", "file", "symlink", "hardlink"
+    base = Layer("tricky-base", "gzip", tar_format="pax", entries=(
+        Entry(".wh.ghost"),  # a whiteout in the bottom layer: nothing to hide
+        Entry("etc/", d),
+        Entry("etc/.wh..wh..opq"),  # an opaque dir in the bottom layer
+        Entry("etc/old.conf", size=30),
+        Entry("etc/hosts", size=40),
+        Entry("var/", d),
+        Entry("var/cache/", d, mode=0o700),
+        Entry("var/cache/a", size=10),
+        Entry("var/cache/sub/", d),
+        Entry("var/cache/sub/b", size=11),
+        Entry("var/log/", d),
+        Entry("var/log/keep", size=12),
+        Entry("opt/", d),
+        Entry("opt/app/", d),
+        Entry("opt/app/old", size=13),
+        Entry("srv/", d, mode=0o750, uid=1000, gid=1001, mtime=1400000000,
+              xattrs=(("user.tag", b"srv-lower"),)),
+        Entry("keep-old/", d, mode=0o750, mtime=1450000000),
+        Entry("keep-old/f", size=4),
+        Entry("r/", d),
+        Entry("r/f2d", size=5),
+        Entry("r/d2f/", d),
+        Entry("r/d2f/child", size=6),
+        Entry("r/f2s", size=7),
+        Entry("bin/", d),
+        Entry("bin/su", mode=0o4755, size=20),
+        Entry("bin/sg", mode=0o2755, gid=42, size=21),
+        Entry("bin/ping", mode=0o755, size=22, xattrs=(("security.capability", CAP_NET_BIND_SERVICE),)),
+        Entry("tmp/", d, mode=0o1777),
+        Entry("usr/", d),
+        Entry("usr/lib/", d, mode=0o700, uid=7, gid=8),
+        Entry("lib", s, link="usr/lib"),
+    ))
+    links = Layer("tricky-links", "zstd", tar_format="pax", entries=(
+        Entry("etc/.wh.old.conf"),
+        Entry("var/.wh.cache"),
+        Entry("data/", d, mode=0o2775, uid=1000, gid=1000),
+        Entry("data/orig", mode=0o640, uid=1000, gid=1000, size=50, mtime=1600000000.5,
+              xattrs=(("user.note", b"orig"),)),
+        Entry("data/hard", h, mode=0o640, uid=1000, gid=1000, link="data/orig", mtime=1600000000.5),
+        Entry(f"{LONG_DIR}/{'long-file-name-' * 8}", size=60, mtime=1600000001.25),
+        Entry(f"{LONG_DIR}/hard-to-long", h, link=f"{LONG_DIR}/{'long-file-name-' * 8}", mtime=1600000001.25),
+        Entry("data/rel", s, link="orig", xattrs=(("user.on-symlink", b"ignored"),)),
+        Entry("data/abs", s, link="/etc/hosts"),
+        Entry("data/dangling", s, link="nowhere/at/all"),
+        Entry("data/long-target", s, link=LONG_TARGET),
+        Entry("data/hard-to-symlink", h, mode=0o777, link="data/dangling"),
+        Entry("data/bigid", uid=3000000, gid=3000001, size=8),
+        Entry("dev/", d),
+        Entry("dev/null", "char", mode=0o666, dev=(1, 3)),
+        Entry("dev/loop0", "block", mode=0o660, gid=6, dev=(7, 0)),
+        Entry("dev/fifo", "fifo", mode=0o620, uid=5),
+        Entry("srv/data/x", size=9),  # srv/ comes from the layer below
+        Entry("srv/", d, mode=0o705, mtime=1450000001),  # then described: user.tag stays
+        Entry("data/implicit/f", size=9),  # an implicit dir in a setgid one: 0755
+        Entry("new/deep/file", size=9),  # no new/ anywhere
+        Entry("lib/implicit.so", size=9),  # lib is a symlink below
+        Entry("mt/", d, mtime=1300000000),
+        Entry("mt/a", size=3),
+        Entry("mt/sub/", d, mtime=1300000001),
+        Entry("mt/sub/b", size=3),
+        Entry("times/before-1970", size=3, mtime=-100),  # containerd: the epoch
+        Entry("times/after-2262", size=3, mtime=32503680000),  # year 3000: the epoch
+        Entry("late/f", size=3),
+        Entry("late/", d, mode=0o711, mtime=1300000002),  # after its child
+    ))
+    replace = Layer("tricky-replace", "none", tar_format="gnu", entries=(
+        Entry("opt/app/", d, mode=0o755),
+        Entry("opt/app/.wh..wh..opq"),
+        Entry("opt/app/new", size=14),
+        Entry("r/f2d/", d),
+        Entry("r/f2d/inside", size=15),
+        Entry("r/d2f", size=16),
+        Entry("r/f2s", s, link="f2d"),
+        Entry(f"{LONG_DIR}/gnu-{'x' * 120}", size=17),
+        Entry("data/gnu-long-target", s, link=f"../{LONG_DIR}/gnu-{'x' * 120}"),
+    ))
+    top = Layer("tricky-top", "gzip", tar_format="pax", entries=(
+        Entry("opt/app/extra", size=18),  # opt/app is opaque below
+        Entry("keep-old/.wh..wh..opq"),  # implicit, childless: keeps its lower mtime
+        Entry("var/", d, mtime=1200000000, xattrs=(("trusted.overlay.opaque", b"y"),)),
+        Entry("lnkabs", s, link="/srv"),
+        Entry("lnkabs/via-absolute", size=19),
+        Entry("lnkrel", s, link="mt/sub"),
+        Entry("lnkrel/via-relative", size=19),
+        Entry("esc", s, link="../../../.."),
+        Entry("esc/escaped", size=19),
+    ))
+    return [Image("damselfly/tricky", "v1", (Platform("amd64", (base, links, replace, top)),))]
+
+
 SETS = {
     "small": small_set,
     "large": large_set,
     "bench": lambda: [bench_image("bench", [400, 300, 200, 124])],
     "bench256": lambda: [bench_image("bench256", [128, 96, 32])],
+    "tricky": tricky_set,
 }
 
 
@@ -175,6 +303,36 @@ def tar_header(path: str, size: int = 0, directory: bool = False) -> bytes:
     return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
+DEFAULT_MODE = {"dir": 0o755, "symlink": 0o777}
+TAR_FORMAT = {"ustar": tarfile.USTAR_FORMAT, "pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}
+TAR_TYPE = {
+    "file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE, "char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}
+
+
+def entry_header(entry: Entry, tar_format: int) -> bytes:
+    """The entry's header block(s); PAX or GNU records come first where the
+    format needs them (long names and targets, big ids, fractional mtimes,
+    xattrs)."""
+    info = tarfile.TarInfo(entry.path)
+    info.type = TAR_TYPE[entry.kind]
+    info.mode = entry.mode if entry.mode is not None else DEFAULT_MODE.get(entry.kind, 0o644)
+    info.uid, info.gid = entry.uid, entry.gid
+    info.uname = info.gname = ""
+    info.mtime = entry.mtime
+    info.size = entry.size
+    info.linkname = entry.link
+    info.devmajor, info.devminor = entry.dev
+    if entry.xattrs:
+        if tar_format != tarfile.PAX_FORMAT:
+            raise ValueError(f"{entry.path}: xattrs need a pax layer")
+        # Values are bytes; surrogateescape gives tarfile back those exact bytes.
+        info.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in entry.xattrs}
+    return info.tobuf(tar_format, "utf-8", "surrogateescape")
+
+
 def parent_dirs(layer: Layer) -> list[str]:
     dirs = set()
     for file in layer.files:
@@ -192,6 +350,11 @@ def write_tar(out, layer: Layer) -> None:
         for chunk in file_chunks(layer.name, file):
             out.write(chunk)
         out.write(bytes(-file.size % BLOCK))
+    for entry in layer.entries:
+        out.write(entry_header(entry, TAR_FORMAT[layer.tar_format]))
+        if entry.kind == "file":
+            out.write(text_block(f"{layer.name}/{entry.path}", entry.size))
+            out.write(bytes(-entry.size % BLOCK))
     out.write(bytes(2 * BLOCK))
 
 

@@ -24,7 +24,7 @@ use crate::registry::{Registries, RegistryError};
 use crate::snapshotter::Staging;
 use crate::store::image_index::ImageLayer;
 use crate::store::{Digest, Ingest, OWN_REF_PREFIX, Store, StoreError};
-use crate::unpack::{Applied, Compression, UnpackError, apply_layer};
+use crate::unpack::{Applied, Compression, UnpackError, Whiteouts, apply_layer};
 
 /// Chunks buffered between the fetch and the unpacker.
 const CHANNEL_CHUNKS: usize = 64;
@@ -124,6 +124,7 @@ impl Fetch {
                 source,
             }
         })?;
+        let whiteouts = Whiteouts::for_layer(&layer.chain_id, &layer.diff_id);
         let (chunks, receiver) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
         // The staging directory goes to the unpacker's thread and comes back
         // with its result. If this future is dropped (the pull was
@@ -135,6 +136,7 @@ impl Fetch {
                 compression,
                 &staging.fs(),
                 &[],
+                whiteouts,
             );
             (staging, applied)
         });

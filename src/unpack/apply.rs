@@ -1,10 +1,13 @@
 //! The applier: reads the tar entries one by one and creates each under the
 //! root itself (never through the tar crate's unpack), then sets directory
-//! times last and drains the stream so the diff_id covers all of it.
+//! times last and drains the stream so the diff_id covers all of it. Each
+//! step follows containerd's `archive.Apply` with its overlay whiteouts (or,
+//! for the bottom layer, its removing ones).
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::{self, BufReader, Read};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use filetime::FileTime;
@@ -14,7 +17,7 @@ use tar::EntryType;
 use super::attrs::{self, Attrs};
 use super::decompress::{Compression, Hashing, TAR_BUF};
 use super::path;
-use super::{Applied, UnpackError};
+use super::{Applied, ImplicitDir, UnpackError, Whiteouts};
 
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -24,6 +27,7 @@ pub fn apply(
     compression: Compression,
     root: &Path,
     parents: &[PathBuf],
+    whiteouts: Whiteouts,
 ) -> Result<Applied, UnpackError> {
     let decompressed = compression
         .reader(blob)
@@ -38,6 +42,8 @@ pub fn apply(
     let mut layer = Layer {
         root,
         parents,
+        whiteouts,
+        unpacked: HashSet::new(),
         entries: 0,
         implicit_dirs: Vec::new(),
         dir_times: Vec::new(),
@@ -70,8 +76,12 @@ pub fn apply(
 struct Layer<'a> {
     root: &'a Path,
     parents: &'a [PathBuf],
+    whiteouts: Whiteouts,
+    /// What this layer wrote (relative), which an opaque marker keeps when
+    /// whiteouts remove (kept only then).
+    unpacked: HashSet<PathBuf>,
     entries: u64,
-    implicit_dirs: Vec<PathBuf>,
+    implicit_dirs: Vec<ImplicitDir>,
     dir_times: Vec<(PathBuf, FileTime, FileTime)>,
 }
 
@@ -97,30 +107,17 @@ impl Layer<'_> {
             return Ok(());
         }
         let attrs = entry_attrs(entry)?;
-        if let Some(missing) = path::check_parents(self.root, &rel)? {
-            self.make_parents(&missing, rel.parent().unwrap_or(Path::new("")))?;
-        }
-        let base = rel
-            .file_name()
-            .map(|b| b.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let parent = path::resolve(self.root, rel.parent().unwrap_or(Path::new("")))?;
+        self.make_parents(&parent)?;
+        let base = rel.file_name().unwrap_or_default().to_owned();
+        let rel = parent.join(&base);
+        let base = base.to_string_lossy();
         if base == OPAQUE {
-            let dir = self.root.join(rel.parent().unwrap_or(Path::new("")));
-            return xattr::set(&dir, "trusted.overlay.opaque", b"y")
-                .map_err(UnpackError::io(format!("set opaque on {}", dir.display())));
+            return self.opaque(&parent);
         }
+        self.written_into(&parent, &rel, kind == EntryType::Directory);
         if let Some(hidden) = base.strip_prefix(WHITEOUT) {
-            let target = self.root.join(rel.with_file_name(hidden));
-            self.make_node(&target, SFlag::S_IFCHR, 0, 0)?;
-            return attrs::set_owner_xattrs_mode(
-                &target,
-                &Attrs {
-                    mode: 0,
-                    xattrs: Vec::new(),
-                    ..attrs
-                },
-                true,
-            );
+            return self.whiteout(&parent.join(hidden), &attrs);
         }
         let target = self.root.join(&rel);
         self.replace(&target, kind == EntryType::Directory)?;
@@ -155,8 +152,7 @@ impl Layer<'_> {
                     .link_name()
                     .map_err(UnpackError::BadTar)?
                     .unwrap_or_default();
-                let source = self.root.join(path::clean(&link)?);
-                path::check_parents(self.root, &path::clean(&link)?)?;
+                let source = self.root.join(self.link_source(&link)?);
                 fs::hard_link(&source, &target).map_err(UnpackError::io(format!(
                     "link {} to {}",
                     target.display(),
@@ -171,7 +167,7 @@ impl Layer<'_> {
                 };
                 let major = entry.header().device_major().ok().flatten().unwrap_or(0);
                 let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
-                self.make_node(&target, flag, major, minor)?;
+                self.make_node(&target, flag, 0o600, makedev(major.into(), minor.into()))?;
             }
             other => {
                 return Err(UnpackError::UnsupportedEntry {
@@ -180,8 +176,10 @@ impl Layer<'_> {
                 });
             }
         }
-        let symlink = kind == EntryType::Symlink;
-        attrs::set_owner_xattrs_mode(&target, &attrs, symlink)?;
+        attrs::set_owner_xattrs_mode(&target, &attrs)?;
+        if self.whiteouts == Whiteouts::Remove {
+            self.unpacked.insert(rel);
+        }
         if kind == EntryType::Directory {
             self.dir_times.push((target, attrs.atime, attrs.mtime));
         } else {
@@ -192,66 +190,162 @@ impl Layer<'_> {
 
     /// Removes what is at `target` unless both it and the new entry are directories.
     fn replace(&self, target: &Path, is_dir: bool) -> Result<(), UnpackError> {
-        let Ok(meta) = fs::symlink_metadata(target) else {
-            return Ok(());
-        };
-        let removed = match (meta.is_dir(), is_dir) {
-            (true, true) => return Ok(()),
-            (true, false) => fs::remove_dir_all(target),
-            _ => fs::remove_file(target),
-        };
-        removed.map_err(UnpackError::io(format!("remove {}", target.display())))
+        match fs::symlink_metadata(target) {
+            Ok(meta) if meta.is_dir() && is_dir => Ok(()),
+            Ok(_) => remove(target),
+            Err(_) => Ok(()),
+        }
     }
 
     fn make_node(
         &self,
         target: &Path,
         flag: SFlag,
-        major: u32,
-        minor: u32,
+        mode: u32,
+        dev: nix::libc::dev_t,
     ) -> Result<(), UnpackError> {
         self.replace(target, false)?;
-        mknod(
-            target,
-            flag,
-            Mode::from_bits_truncate(0o600),
-            makedev(major.into(), minor.into()),
-        )
-        .map_err(|e| UnpackError::io(format!("mknod {}", target.display()))(e.into()))
+        mknod(target, flag, Mode::from_bits_truncate(mode), dev)
+            .map_err(|e| UnpackError::io(format!("mknod {}", target.display()))(e.into()))
     }
 
-    /// Creates `parent` from `first_missing` down, each with the attributes of
-    /// the nearest lower dir that has it, else mode 0755 owned by root.
-    fn make_parents(&mut self, first_missing: &Path, parent: &Path) -> Result<(), UnpackError> {
-        let skip = first_missing.components().count() - 1;
-        let mut rel = first_missing
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        for component in parent.components().skip(skip) {
-            rel.push(component);
-            let dir = self.root.join(&rel);
-            fs::DirBuilder::new()
-                .mode(0o755)
-                .create(&dir)
-                .map_err(UnpackError::io(format!("mkdir {}", dir.display())))?;
-            if let Some(lower) = attrs::nearest_dir(self.parents, &rel) {
-                attrs::copy_dir_attrs(&lower, &dir)?;
+    /// A whiteout of `hidden` (relative): over other layers, overlayfs's
+    /// 0:0 char device with mode 0 and the entry's owner; in the bottom
+    /// layer, the removal of what it names.
+    fn whiteout(&self, hidden: &Path, attrs: &Attrs) -> Result<(), UnpackError> {
+        let target = self.root.join(hidden);
+        if self.whiteouts == Whiteouts::Remove {
+            return match fs::symlink_metadata(&target) {
+                Ok(_) => remove(&target),
+                Err(_) => Ok(()),
+            };
+        }
+        self.make_node(&target, SFlag::S_IFCHR, 0, 0)?;
+        nix::unistd::chown(
+            &target,
+            Some(nix::unistd::Uid::from_raw(attrs.uid)),
+            Some(nix::unistd::Gid::from_raw(attrs.gid)),
+        )
+        .map_err(|e| UnpackError::io(format!("chown {}", target.display()))(e.into()))
+    }
+
+    /// An opaque marker in `dir` (relative): over other layers, overlayfs's
+    /// opaque xattr; in the bottom layer, the removal of everything below
+    /// `dir` this layer has not written.
+    fn opaque(&self, dir: &Path) -> Result<(), UnpackError> {
+        if self.whiteouts == Whiteouts::Remove {
+            return self.remove_unwritten(dir);
+        }
+        let dir = self.root.join(dir);
+        xattr::set(&dir, "trusted.overlay.opaque", b"y")
+            .map_err(UnpackError::io(format!("set opaque on {}", dir.display())))
+    }
+
+    fn remove_unwritten(&self, dir: &Path) -> Result<(), UnpackError> {
+        let at = self.root.join(dir);
+        let children =
+            fs::read_dir(&at).map_err(UnpackError::io(format!("read {}", at.display())))?;
+        for child in children {
+            let child = child.map_err(UnpackError::io(format!("read {}", at.display())))?;
+            let rel = dir.join(child.file_name());
+            if !self.unpacked.contains(&rel) {
+                remove(&child.path())?;
+            } else if child.file_type().is_ok_and(|t| t.is_dir()) {
+                self.remove_unwritten(&rel)?;
             }
-            self.implicit_dirs.push(rel.clone());
         }
         Ok(())
     }
+
+    /// A hardlink's target (relative): its parents resolved inside the
+    /// root, its last component not (a hardlink may name a symlink).
+    fn link_source(&self, link: &Path) -> Result<PathBuf, UnpackError> {
+        let link = path::clean(link)?;
+        let Some(base) = link.file_name() else {
+            return Err(UnpackError::PathEscape {
+                path: link,
+                why: "a hardlink to the root",
+            });
+        };
+        Ok(path::resolve(self.root, link.parent().unwrap_or(Path::new("")))?.join(base))
+    }
+
+    /// Notes that `rel` is being created in `parent` (both relative): an
+    /// implicit `parent` is no longer childless, and an implicit `rel` that
+    /// a directory entry names is described.
+    fn written_into(&mut self, parent: &Path, rel: &Path, is_dir: bool) {
+        for dir in self.implicit_dirs.iter_mut().rev() {
+            if dir.path == parent {
+                dir.childless = false;
+            } else if is_dir && dir.path == rel {
+                dir.described = true;
+            }
+        }
+    }
+
+    /// Creates the missing dirs of `parent` (resolved, relative), each with
+    /// the attributes of the nearest lower dir that has it, else mode 0755
+    /// owned by root.
+    fn make_parents(&mut self, parent: &Path) -> Result<(), UnpackError> {
+        let mut rel = PathBuf::new();
+        for component in parent.components() {
+            rel.push(component);
+            let dir = self.root.join(&rel);
+            match fs::symlink_metadata(&dir) {
+                Ok(meta) if meta.is_dir() => continue,
+                Ok(_) => {
+                    return Err(UnpackError::PathEscape {
+                        path: rel,
+                        why: "a parent is not a directory",
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(UnpackError::io(format!("lstat {}", dir.display()))(e)),
+            }
+            if let Some(above) = rel.parent() {
+                self.written_into(above, &rel, false);
+            }
+            fs::DirBuilder::new()
+                .create(&dir)
+                .map_err(UnpackError::io(format!("mkdir {}", dir.display())))?;
+            // Explicitly: neither the umask nor a setgid parent decides it.
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+                .map_err(UnpackError::io(format!("chmod {}", dir.display())))?;
+            if let Some(lower) = attrs::nearest_dir(self.parents, &rel)? {
+                attrs::copy_dir_attrs(&lower, &dir, attrs::DirAttrs::All)?;
+            }
+            self.implicit_dirs.push(ImplicitDir {
+                path: rel.clone(),
+                described: false,
+                childless: true,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Removes a file, a symlink or a whole directory.
+fn remove(target: &Path) -> Result<(), UnpackError> {
+    let removed = match fs::symlink_metadata(target) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(target),
+        _ => fs::remove_file(target),
+    };
+    removed.map_err(UnpackError::io(format!("remove {}", target.display())))
 }
 
 /// The entry's owner, mode, times (PAX fractions included) and PAX xattrs.
 fn entry_attrs<R: Read>(entry: &mut tar::Entry<R>) -> Result<Attrs, UnpackError> {
     let header = entry.header();
     let mode = header.mode().map_err(UnpackError::BadTar)?;
-    let uid = header.uid().map_err(UnpackError::BadTar)? as u32;
-    let gid = header.gid().map_err(UnpackError::BadTar)? as u32;
-    let mut mtime =
-        FileTime::from_unix_time(header.mtime().map_err(UnpackError::BadTar)? as i64, 0);
+    let mut uid = header.uid().map_err(UnpackError::BadTar)? as u32;
+    let mut gid = header.gid().map_err(UnpackError::BadTar)? as u32;
+    let mut mtime = FileTime::from_unix_time(
+        header
+            .mtime()
+            .map_err(UnpackError::BadTar)?
+            .min(i64::MAX as u64) as i64,
+        0,
+    );
     let mut atime = None;
     let mut xattrs = Vec::new();
     if let Some(pax) = entry.pax_extensions().map_err(UnpackError::BadTar)? {
@@ -266,6 +360,10 @@ fn entry_attrs<R: Read>(entry: &mut tar::Entry<R>) -> Result<Attrs, UnpackError>
                 mtime = pax_time(ext.value_bytes()).unwrap_or(mtime);
             } else if key == "atime" {
                 atime = pax_time(ext.value_bytes());
+            } else if key == "uid" {
+                uid = pax_id(key, ext.value_bytes())?;
+            } else if key == "gid" {
+                gid = pax_id(key, ext.value_bytes())?;
             }
         }
     }
@@ -275,10 +373,34 @@ fn entry_attrs<R: Read>(entry: &mut tar::Entry<R>) -> Result<Attrs, UnpackError>
         uid,
         gid,
         mode,
-        atime,
-        mtime,
+        atime: bound_time(atime),
+        mtime: bound_time(mtime),
         xattrs,
     })
+}
+
+/// A time before 1970 or past what nanoseconds in an i64 hold (2262) is the
+/// epoch, as containerd's `boundTime` makes it.
+fn bound_time(time: FileTime) -> FileTime {
+    const MAX: (i64, u32) = (i64::MAX / 1_000_000_000, (i64::MAX % 1_000_000_000) as u32);
+    if time.unix_seconds() < 0 || (time.unix_seconds(), time.nanoseconds()) > MAX {
+        FileTime::zero()
+    } else {
+        time
+    }
+}
+
+/// A PAX `uid` or `gid` (ids too big for the ustar header).
+fn pax_id(key: &str, value: &[u8]) -> Result<u32, UnpackError> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| {
+            UnpackError::BadTar(io::Error::other(format!(
+                "bad PAX {key} {:?}",
+                value.escape_ascii().to_string()
+            )))
+        })
 }
 
 /// A PAX time, `seconds[.fraction]`.

@@ -1,6 +1,8 @@
 //! Ownership, modes, times and extended attributes, applied in containerd's
 //! order: lchown, then xattrs (chown drops `security.capability`), then chmod
-//! (chown clears setuid/setgid), then times.
+//! (chown clears setuid/setgid; never through a symlink), then times.
+//! `trusted.*` xattrs are never taken from an archive or copied from a lower
+//! layer, as containerd does: they are overlayfs's own (opaque dirs).
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -9,7 +11,9 @@ use std::path::{Path, PathBuf};
 use filetime::FileTime;
 use nix::unistd::{Gid, Uid};
 
-use super::UnpackError;
+use super::{UnpackError, path};
+
+const TRUSTED: &str = "trusted.";
 
 /// The attributes of one entry.
 pub struct Attrs {
@@ -21,9 +25,10 @@ pub struct Attrs {
     pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
-/// Sets owner, xattrs and mode (not on symlinks) of `path`; times are set by
+/// Sets owner, xattrs and mode (not on a symlink, which is checked with
+/// lstat: a hardlink may name one) of `path`; times are set by
 /// [`set_times`], for directories after their children.
-pub fn set_owner_xattrs_mode(path: &Path, a: &Attrs, symlink: bool) -> Result<(), UnpackError> {
+pub fn set_owner_xattrs_mode(path: &Path, a: &Attrs) -> Result<(), UnpackError> {
     let ctx = || path.display().to_string();
     nix::unistd::fchownat(
         nix::fcntl::AT_FDCWD,
@@ -33,7 +38,11 @@ pub fn set_owner_xattrs_mode(path: &Path, a: &Attrs, symlink: bool) -> Result<()
         nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .map_err(|e| UnpackError::io(format!("lchown {}", ctx()))(e.into()))?;
-    for (name, value) in &a.xattrs {
+    for (name, value) in a
+        .xattrs
+        .iter()
+        .filter(|(name, _)| !name.starts_with(TRUSTED))
+    {
         match xattr::set(path, name, value) {
             Ok(()) => {}
             // As containerd: skip xattrs the filesystem does not support, and
@@ -46,7 +55,8 @@ pub fn set_owner_xattrs_mode(path: &Path, a: &Attrs, symlink: bool) -> Result<()
             Err(e) => return Err(UnpackError::io(format!("setxattr {name} on {}", ctx()))(e)),
         }
     }
-    if !symlink {
+    let meta = fs::symlink_metadata(path).map_err(UnpackError::io(format!("lstat {}", ctx())))?;
+    if !meta.file_type().is_symlink() {
         fs::set_permissions(path, fs::Permissions::from_mode(a.mode & 0o7777))
             .map_err(UnpackError::io(format!("chmod {}", ctx())))?;
     }
@@ -59,18 +69,34 @@ pub fn set_times(path: &Path, atime: FileTime, mtime: FileTime) -> Result<(), Un
         .map_err(UnpackError::io(format!("lutimes {}", path.display())))
 }
 
-/// The nearest of `parents` holding `rel`, if that is a directory (a nearer
-/// parent that replaced it with another type hides the farther ones).
-pub fn nearest_dir(parents: &[PathBuf], rel: &Path) -> Option<PathBuf> {
-    let nearest = parents
-        .iter()
-        .map(|p| p.join(rel))
-        .find_map(|p| fs::symlink_metadata(&p).ok().map(|m| (p, m)))?;
-    nearest.1.is_dir().then_some(nearest.0)
+/// The nearest of `parents` holding `rel` (resolved inside each parent, as
+/// containerd does), if that is a directory: a nearer parent that replaced
+/// it with another type hides the farther ones.
+pub fn nearest_dir(parents: &[PathBuf], rel: &Path) -> Result<Option<PathBuf>, UnpackError> {
+    for parent in parents {
+        let path = parent.join(path::resolve(parent, rel)?);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) => return Ok(meta.is_dir().then_some(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(UnpackError::io(format!("lstat {}", path.display()))(e)),
+        }
+    }
+    Ok(None)
 }
 
-/// Copies owner, xattrs, mode and times of directory `from` onto `to`.
-pub fn copy_dir_attrs(from: &Path, to: &Path) -> Result<(), UnpackError> {
+/// What [`copy_dir_attrs`] copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirAttrs {
+    /// Owner, xattrs, mode and times (containerd's copy into a new implicit dir).
+    All,
+    /// The same but times: creating an entry inside has since set the clock's.
+    AllButTimes,
+    /// Only the xattrs `to` lacks (containerd copies without replacing).
+    MissingXattrs,
+}
+
+/// Copies attributes of directory `from` onto `to` (`trusted.*` never).
+pub fn copy_dir_attrs(from: &Path, to: &Path, which: DirAttrs) -> Result<(), UnpackError> {
     let meta =
         fs::symlink_metadata(from).map_err(UnpackError::io(format!("lstat {}", from.display())))?;
     let mut xattrs = Vec::new();
@@ -91,8 +117,30 @@ pub fn copy_dir_attrs(from: &Path, to: &Path) -> Result<(), UnpackError> {
         mtime: FileTime::from_last_modification_time(&meta),
         xattrs,
     };
-    set_owner_xattrs_mode(to, &attrs, false)?;
-    set_times(to, attrs.atime, attrs.mtime)
+    if which == DirAttrs::MissingXattrs {
+        return set_missing_xattrs(to, &attrs.xattrs);
+    }
+    set_owner_xattrs_mode(to, &attrs)?;
+    if which == DirAttrs::All {
+        set_times(to, attrs.atime, attrs.mtime)?;
+    }
+    Ok(())
+}
+
+fn set_missing_xattrs(to: &Path, xattrs: &[(String, Vec<u8>)]) -> Result<(), UnpackError> {
+    for (name, value) in xattrs.iter().filter(|(name, _)| !name.starts_with(TRUSTED)) {
+        let present = xattr::get(to, name).map_err(UnpackError::io(format!(
+            "getxattr {name} on {}",
+            to.display()
+        )))?;
+        if present.is_none() {
+            xattr::set(to, name, value).map_err(UnpackError::io(format!(
+                "setxattr {name} on {}",
+                to.display()
+            )))?;
+        }
+    }
+    Ok(())
 }
 
 fn is_file_or_dir(path: &Path) -> bool {

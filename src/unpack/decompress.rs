@@ -15,28 +15,65 @@ pub enum Compression {
     None,
     Gzip,
     Zstd,
+    /// Told by the stream's magic bytes (gzip, zstd, else none), as
+    /// containerd does for Docker's `diff.tar` types, which images use for
+    /// compressed layers too.
+    Detect,
 }
 
+const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
+const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+
 impl Compression {
-    /// From an OCI/Docker layer media type (…tar, …tar+gzip, …tar.gzip, …tar+zstd, docker
-    /// rootfs.diff.tar.gzip); error for anything else (e.g. encrypted, foreign).
+    /// From a layer media type, as containerd 1.6 reads them: OCI's and
+    /// OCI's non-distributable `tar`, `tar+gzip` and `tar+zstd`, Docker's
+    /// (and Docker foreign) `diff.tar.gzip` and `diff.tar`. Error for anything
+    /// else (encrypted, unknown).
     pub fn from_media_type(media_type: &str) -> Result<Self, UnpackError> {
-        match media_type {
-            "application/vnd.oci.image.layer.v1.tar" => Ok(Self::None),
-            "application/vnd.oci.image.layer.v1.tar+gzip"
-            | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Ok(Self::Gzip),
-            "application/vnd.oci.image.layer.v1.tar+zstd" => Ok(Self::Zstd),
-            other => Err(UnpackError::UnsupportedMediaType(other.to_owned())),
+        const OCI: &str = "application/vnd.oci.image.layer.v1.tar";
+        const OCI_FOREIGN: &str = "application/vnd.oci.image.layer.nondistributable.v1.tar";
+        const DOCKER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+        const DOCKER_FOREIGN: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar";
+        let oci = media_type
+            .strip_prefix(OCI)
+            .or_else(|| media_type.strip_prefix(OCI_FOREIGN));
+        match (oci, media_type) {
+            (Some(""), _) => Ok(Self::None),
+            (Some("+gzip"), _) => Ok(Self::Gzip),
+            (Some("+zstd"), _) => Ok(Self::Zstd),
+            (None, DOCKER | DOCKER_FOREIGN) => Ok(Self::Detect),
+            (None, t)
+                if t.strip_suffix(".gzip")
+                    .is_some_and(|b| b == DOCKER || b == DOCKER_FOREIGN) =>
+            {
+                Ok(Self::Gzip)
+            }
+            _ => Err(UnpackError::UnsupportedMediaType(media_type.to_owned())),
         }
     }
 
     /// The decompressed stream of `blob`.
     pub(super) fn reader<'a>(self, blob: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
-        let blob = BufReader::with_capacity(BUF, blob);
+        let mut blob = BufReader::with_capacity(BUF, blob);
         Ok(match self {
             Self::None => Box::new(blob),
             Self::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(blob)),
             Self::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(blob)?),
+            Self::Detect => {
+                let mut head = Vec::with_capacity(ZSTD_MAGIC.len());
+                (&mut blob)
+                    .take(ZSTD_MAGIC.len() as u64)
+                    .read_to_end(&mut head)?;
+                let detected = if head.starts_with(GZIP_MAGIC) {
+                    Self::Gzip
+                } else if head.starts_with(ZSTD_MAGIC) {
+                    Self::Zstd
+                } else {
+                    Self::None
+                };
+                let whole: Box<dyn Read + 'a> = Box::new(io::Cursor::new(head).chain(blob));
+                return detected.reader(whole);
+            }
         })
     }
 }

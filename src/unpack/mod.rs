@@ -24,9 +24,22 @@ pub struct Applied {
     pub diff_id: crate::store::Digest,
     pub tar_bytes: u64,
     pub entries: u64,
-    /// Directories created implicitly (not in the tar) because an entry's parent was missing,
-    /// relative to root; their attributes were copied from `parents` where a parent held them.
-    pub implicit_dirs: Vec<PathBuf>,
+    /// Directories created implicitly (not in the tar) because an entry's parent was missing;
+    /// their attributes were copied from `parents` where a parent held them.
+    pub implicit_dirs: Vec<ImplicitDir>,
+}
+
+/// A directory a layer created because an entry's parent was missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImplicitDir {
+    /// Relative to the root.
+    pub path: PathBuf,
+    /// A later entry of the layer described the directory itself: its own
+    /// owner, mode and times won; of a lower dir's, only xattrs it lacks stay.
+    pub described: bool,
+    /// Nothing was created in it (it holds only an opaque marker), so it
+    /// keeps a lower dir's times too.
+    pub childless: bool,
 }
 
 /// Why a layer could not be applied.
@@ -61,6 +74,30 @@ impl UnpackError {
     }
 }
 
+/// What whiteouts do, which containerd decides by the layer's place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// A layer over others: a whiteout becomes overlayfs's 0:0 char device,
+    /// an opaque marker its `trusted.overlay.opaque` xattr.
+    Overlay,
+    /// The bottom layer (containerd applies it through a bind mount): a
+    /// whiteout removes what it names, an opaque marker removes what this
+    /// layer has not written in its directory.
+    Remove,
+}
+
+impl Whiteouts {
+    /// For a layer at chain `chain_id` with `diff_id`: only the bottom
+    /// layer's chain ID is its diff_id.
+    pub fn for_layer(chain_id: &crate::store::Digest, diff_id: &crate::store::Digest) -> Self {
+        if chain_id == diff_id {
+            Self::Remove
+        } else {
+            Self::Overlay
+        }
+    }
+}
+
 /// Applies one layer read from `blob` to `root` (an empty overlay upper dir), with `parents`
 /// (the lower dirs, nearest first) for the attributes of implicitly created parent directories.
 /// Blocking; call from spawn_blocking.
@@ -69,20 +106,28 @@ pub fn apply_layer(
     compression: Compression,
     root: &Path,
     parents: &[PathBuf],
+    whiteouts: Whiteouts,
 ) -> Result<Applied, UnpackError> {
-    apply::apply(blob, compression, root, parents)
+    apply::apply(blob, compression, root, parents, whiteouts)
 }
 
 /// For a layer applied before its parents existed (layers unpacked in parallel): copies the
-/// attributes of each implicit dir from the nearest parent that has it, as apply_layer would have.
+/// attributes of each implicit dir from the nearest parent that has it, leaving what
+/// apply_layer would have left: owner, mode and xattrs, times only for a childless dir, and
+/// only missing xattrs for a dir a later entry described.
 pub fn inherit_implicit_dirs(
     root: &Path,
-    implicit_dirs: &[PathBuf],
+    implicit_dirs: &[ImplicitDir],
     parents: &[PathBuf],
 ) -> Result<(), UnpackError> {
     for dir in implicit_dirs {
-        if let Some(lower) = attrs::nearest_dir(parents, dir) {
-            attrs::copy_dir_attrs(&lower, &root.join(dir))?;
+        if let Some(lower) = attrs::nearest_dir(parents, &dir.path)? {
+            let which = match (dir.described, dir.childless) {
+                (true, _) => attrs::DirAttrs::MissingXattrs,
+                (false, true) => attrs::DirAttrs::All,
+                (false, false) => attrs::DirAttrs::AllButTimes,
+            };
+            attrs::copy_dir_attrs(&lower, &root.join(&dir.path), which)?;
         }
     }
     Ok(())

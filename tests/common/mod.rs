@@ -8,6 +8,7 @@
 pub mod netns;
 pub mod secure_registry;
 pub mod snapshotter_node;
+pub mod tree;
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -18,6 +19,8 @@ use std::process::{Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Deserialize;
@@ -558,6 +561,9 @@ pub struct CatalogBlob {
     pub kind: String,
     #[serde(default)]
     pub platform: Option<String>,
+    /// A layer's diff_id (digest of its uncompressed tar).
+    #[serde(default)]
+    pub diff_id: Option<String>,
 }
 
 impl Catalog {
@@ -611,7 +617,7 @@ impl Containerd {
         plugin_socket: &Path,
         registry: &str,
     ) -> Self {
-        Self::start_with(scratch, name, host, plugin_socket, None, registry)
+        Self::start_with(scratch, name, host, Some(plugin_socket), None, registry)
     }
 
     /// Where [`Containerd::start_with`] puts the API socket and the hosts
@@ -624,12 +630,14 @@ impl Containerd {
 
     /// Like [`Containerd::start_in`]; with `snapshot_socket`, dfdaemon is
     /// also its snapshotter, named `damselfly`, and CRI's default one;
-    /// `registry` may be a secure one ([`Registry::upstream`]).
+    /// `registry` may be a secure one ([`Registry::upstream`]). Without
+    /// `plugin_socket` (and `snapshot_socket`) it is a stock containerd: its
+    /// own content store and overlayfs snapshotter.
     pub fn start_with<'a>(
         scratch: &Scratch,
         name: &str,
         host: Option<&Host>,
-        plugin_socket: &Path,
+        plugin_socket: Option<&Path>,
         snapshot_socket: Option<&Path>,
         registry: impl Into<Upstream<'a>>,
     ) -> Self {
@@ -645,7 +653,7 @@ impl Containerd {
                 r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.content.v1.content"]
+{disabled_content}
 [grpc]
   address = "{socket}"
 [ttrpc]
@@ -655,9 +663,7 @@ disabled_plugins = ["io.containerd.content.v1.content"]
 [metrics]
   address = ""
 [proxy_plugins]
-  [proxy_plugins.damselfly-content]
-    type = "content"
-    address = "{plugin}"
+{content_plugin}
 {snapshot_plugin}
 [plugins."io.containerd.grpc.v1.cri"]
   stream_server_port = "0"
@@ -668,7 +674,14 @@ disabled_plugins = ["io.containerd.content.v1.content"]
                 root = root.display(),
                 state = dir.join("state").display(),
                 socket = socket.display(),
-                plugin = plugin_socket.display(),
+                disabled_content = if plugin_socket.is_some() {
+                    r#"disabled_plugins = ["io.containerd.content.v1.content"]"#
+                } else {
+                    ""
+                },
+                content_plugin = plugin_socket
+                    .map(|s| format!("  [proxy_plugins.damselfly-content]\n    type = \"content\"\n    address = \"{}\"", s.display()))
+                    .unwrap_or_default(),
                 certs = certs.display(),
                 snapshot_plugin = snapshot_socket
                     .map(|s| format!("  [proxy_plugins.damselfly]\n    type = \"snapshot\"\n    address = \"{}\"", s.display()))
@@ -742,10 +755,16 @@ disabled_plugins = ["io.containerd.content.v1.content"]
 
     /// Runs `ctr` against this containerd in namespace `test`.
     pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_in("test", args)
+    }
+
+    /// Runs `ctr` against this containerd in `namespace` (`k8s.io` for
+    /// what CRI pulled).
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Output {
         command_in(self.host.as_ref().map(Host::netns), "ctr")
             .arg("--address")
             .arg(&self.socket)
-            .args(["--namespace", "test"])
+            .args(["--namespace", namespace])
             .args(args)
             .output()
             .expect("run ctr")
@@ -753,7 +772,12 @@ disabled_plugins = ["io.containerd.content.v1.content"]
 
     /// Like [`Containerd::ctr`], panicking (with containerd's log) on failure.
     pub fn ctr_ok(&self, args: &[&str]) -> Vec<u8> {
-        let out = self.ctr(args);
+        self.ctr_in_ok("test", args)
+    }
+
+    /// Like [`Containerd::ctr_in`], panicking (with containerd's log) on failure.
+    pub fn ctr_in_ok(&self, namespace: &str, args: &[&str]) -> Vec<u8> {
+        let out = self.ctr_in(namespace, args);
         assert!(
             out.status.success(),
             "ctr {args:?} failed: {}\ncontainerd log tail:\n{}",
@@ -767,6 +791,47 @@ disabled_plugins = ["io.containerd.content.v1.content"]
     pub fn pull(&self, registry: &str, image: &str) {
         let reference = format!("{registry}/{image}");
         self.ctr_ok(&["image", "pull", "--plain-http", &reference]);
+    }
+
+    /// A kubelet-style pull of `reference`: CRI `ImageService/PullImage`,
+    /// with a login if given (as kubelet sends an imagePullSecret).
+    pub async fn try_cri_pull(
+        &self,
+        reference: &str,
+        login: Option<(&str, &str)>,
+    ) -> Result<(), tonic::Status> {
+        let channel = containerd_client::connect(&self.socket)
+            .await
+            .expect("connect to containerd");
+        let auth = login.map(|(username, password)| AuthConfig {
+            username: username.to_owned(),
+            password: password.to_owned(),
+            ..Default::default()
+        });
+        ImageServiceClient::new(channel)
+            .pull_image(PullImageRequest {
+                image: Some(ImageSpec {
+                    image: reference.to_owned(),
+                    ..Default::default()
+                }),
+                auth,
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Like [`Containerd::try_cri_pull`] without a login, panicking (with
+    /// containerd's log) on failure.
+    pub async fn cri_pull(&self, reference: &str) {
+        self.try_cri_pull(reference, None)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "CRI PullImage {reference}: {e}\ncontainerd log tail:\n{}",
+                    tail(&self.log, 30)
+                )
+            });
     }
 
     /// Reads a blob back through containerd.
@@ -840,6 +905,17 @@ impl Node {
             containerd,
         }
     }
+}
+
+/// The text of a Prometheus `/metrics` page on `addr` (`ip:port`).
+pub async fn scrape(addr: &str) -> String {
+    damselfly::registry::install_crypto_provider();
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap_or_else(|e| panic!("scrape {addr}: {e}"))
+        .text()
+        .await
+        .expect("read metrics")
 }
 
 /// Polls `condition` every 10 ms until it holds or `timeout` passes.

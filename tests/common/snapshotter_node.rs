@@ -3,12 +3,7 @@
 //! a CRI pull, dfdaemon's metrics, `ctr` in CRI's namespace, and a container
 //! run from the pulled image.
 
-use std::process::Command;
-
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::{AuthConfig, ImageSpec, PullImageRequest};
-
-use super::{Containerd, Dfdaemon, Scratch, Upstream, free_port};
+use super::{Containerd, Dfdaemon, Scratch, Upstream, free_port, scrape};
 
 /// The files of `damselfly/multi:v1`'s non-empty layers, with their sizes
 /// (test-images/generate.py).
@@ -59,7 +54,7 @@ impl SnapshotterNode {
             scratch,
             "containerd",
             None,
-            &dfdaemon.socket,
+            Some(&dfdaemon.socket),
             Some(&snapshot_socket),
             registry,
         );
@@ -70,26 +65,11 @@ impl SnapshotterNode {
         }
     }
 
-    /// Pulls `reference` through CRI, as kubelet does, with a login if given
-    /// (as kubelet sends an imagePullSecret).
+    /// Pulls `reference` through CRI, as kubelet does, with a login if given;
+    /// panics (with dfdaemon's log) on failure.
     pub async fn cri_pull(&self, reference: &str, login: Option<(&str, &str)>) {
-        let channel = containerd_client::connect(&self.containerd.socket)
-            .await
-            .expect("connect to containerd");
-        let auth = login.map(|(username, password)| AuthConfig {
-            username: username.to_owned(),
-            password: password.to_owned(),
-            ..Default::default()
-        });
-        ImageServiceClient::new(channel)
-            .pull_image(PullImageRequest {
-                image: Some(ImageSpec {
-                    image: reference.to_owned(),
-                    ..Default::default()
-                }),
-                auth,
-                ..Default::default()
-            })
+        self.containerd
+            .try_cri_pull(reference, login)
             .await
             .unwrap_or_else(|status| {
                 panic!(
@@ -101,30 +81,12 @@ impl SnapshotterNode {
 
     /// dfdaemon's `/metrics` text.
     pub async fn metrics_text(&self) -> String {
-        damselfly::registry::install_crypto_provider();
-        reqwest::get(format!("http://{}/metrics", self.metrics))
-            .await
-            .expect("scrape dfdaemon")
-            .text()
-            .await
-            .expect("read dfdaemon's metrics")
+        scrape(&self.metrics).await
     }
 
     /// Runs `ctr` in CRI's namespace `k8s.io`; its stdout, panicking on failure.
     pub fn k8s(&self, args: &[&str]) -> Vec<u8> {
-        let out = Command::new("ctr")
-            .arg("--address")
-            .arg(&self.containerd.socket)
-            .args(["--namespace", "k8s.io"])
-            .args(args)
-            .output()
-            .expect("run ctr");
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        self.containerd.ctr_in_ok("k8s.io", args)
     }
 
     /// Checks that `ctr image check` finds every one of the `blobs` of
