@@ -5,6 +5,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod mesh;
 pub mod netns;
 
 use std::fs;
@@ -668,10 +669,15 @@ disabled_plugins = ["io.containerd.content.v1.content"]
 
     /// Runs `ctr` against this containerd in namespace `test`.
     pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_in("test", args)
+    }
+
+    /// Runs `ctr` against this containerd in `namespace` (CRI's is `k8s.io`).
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Output {
         command_in(self.host.as_ref().map(Host::netns), "ctr")
             .arg("--address")
             .arg(&self.socket)
-            .args(["--namespace", "test"])
+            .args(["--namespace", namespace])
             .args(args)
             .output()
             .expect("run ctr")
@@ -746,7 +752,42 @@ impl Node {
         dfdaemon_args: Vec<String>,
         env: Vec<(String, String)>,
     ) -> Self {
+        Self::start_with(
+            scratch,
+            host,
+            registry,
+            dfdaemon_args,
+            env,
+            Plugins::Content,
+        )
+    }
+
+    /// Like [`Node::start_in_with_env`], dfdaemon serving containerd
+    /// `plugins`. As its snapshotter too, it is told containerd's socket and
+    /// hosts dir (for the fast path), and its snapshot socket is
+    /// `<host>-snapshot.sock`.
+    pub fn start_with(
+        scratch: &Scratch,
+        host: &Host,
+        registry: &Registry,
+        mut dfdaemon_args: Vec<String>,
+        env: Vec<(String, String)>,
+        plugins: Plugins,
+    ) -> Self {
         let name = host.name();
+        let containerd_name = format!("{name}-containerd");
+        let snapshot_socket = (plugins == Plugins::ContentAndSnapshots)
+            .then(|| scratch.join(&format!("{name}-snapshot.sock")));
+        if let Some(socket) = &snapshot_socket {
+            let (containerd_socket, hosts_dir) = Containerd::paths(scratch, &containerd_name);
+            for (option, path) in [
+                ("--snapshot-socket", socket),
+                ("--containerd-socket", &containerd_socket),
+                ("--hosts-dir", &hosts_dir),
+            ] {
+                dfdaemon_args.extend([option.to_owned(), path.display().to_string()]);
+            }
+        }
         let dfdaemon = Dfdaemon::start_in_with_env(
             scratch,
             &format!("{name}-dfdaemon"),
@@ -754,11 +795,12 @@ impl Node {
             dfdaemon_args,
             env,
         );
-        let containerd = Containerd::start_in(
+        let containerd = Containerd::start_with(
             scratch,
-            &format!("{name}-containerd"),
+            &containerd_name,
             Some(host),
             &dfdaemon.socket,
+            snapshot_socket.as_deref(),
             &registry.host,
         );
         Self {
@@ -766,6 +808,15 @@ impl Node {
             containerd,
         }
     }
+}
+
+/// The proxy plugins a node's dfdaemon serves its containerd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plugins {
+    /// The content store only; containerd's own overlayfs snapshotter.
+    Content,
+    /// The content store and the snapshotter `damselfly` (CRI's default).
+    ContentAndSnapshots,
 }
 
 /// Polls `condition` every 10 ms until it holds or `timeout` passes.
