@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Benchmark: 8 nodes pull a new 256 MiB image at the same moment, every link
-# shaped to 200 Mbit/s, three ways in one run:
+# shaped to 200 Mbit/s, up to four ways in one run:
 #   (a) direct    each node's containerd (built-in content store) pulls from
 #                 the registry;
 #   (b) cache     a pull-through cache (docker-registry, proxy.remoteurl =
 #                 the registry) in its own namespace; the nodes pull from it;
 #   (c) damselfly each node's containerd uses its dfdaemon as content store
 #                 (proxy plugin), dfdaemons meshed through one supernode.
+#   (d) snapshotter  as (c), and dfdaemon is also the snapshotter (CRI's
+#                 default): a kubelet-style CRI pull (`dfget pull`), each
+#                 dfdaemon fetching and unpacking every layer itself.
 #
 #   sudo bench/mesh-rollout.sh [--nodes N] [--mbit M] [--set SET --image REF]
-#                              [--modes a,b,c] [--keep-logs DIR]
+#                              [--modes a,b,c,d] [--keep-logs DIR]
 #
 #   --nodes N        nodes (default 8)
 #   --mbit M         rate of every link, both directions (default 200)
 #   --set SET        test-image set (default bench256)
 #   --image REF      image of the set (default damselfly/bench256:v1)
-#   --modes LIST     which of a,b,c to run, in that order (default a,b,c)
+#   --modes LIST     which of a,b,c,d to run, in that order (default a,b,c)
 #   --keep-logs DIR  copy every log (and the metrics scraped) to DIR
 #
 # Every node, the registry, the cache and the supernode is a network namespace
@@ -31,7 +34,8 @@
 # max/ideal, the registry's egress in copies of the image (eth0 tx_bytes delta
 # of the registry's namespace / image bytes; for the cache mode also the
 # cache's egress), and for damselfly the peak RSS of the dfdaemons and of the
-# supernode plus where the pieces came from.
+# supernode plus where the pieces came from; for (d) also, per node, when its
+# last piece arrived and when its last layer was unpacked (dfdaemon's log).
 #
 # Everything lives in a fresh /tmp/dmr.XXXXXX and is removed on exit, also on
 # failure or Ctrl-C: processes, mounts, namespaces. The generated images stay
@@ -52,12 +56,13 @@ modes=a,b,c
 keep_logs=
 dfdaemon=$repo/target/release/dfdaemon
 supernode=$repo/target/release/supernode
+dfget=$repo/target/release/dfget
 ns=bench
 reg_port=5000
 pull_timeout=900
 
 usage() {
-    sed -n '11,19p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '14,22p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -75,12 +80,12 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $nodes =~ ^[1-9][0-9]?$ && $nodes -le 200 ]] || { echo "--nodes: 1..200" >&2; exit 2; }
 [[ $mbit =~ ^[1-9][0-9]*$ ]] || { echo "--mbit must be a positive integer" >&2; exit 2; }
-[[ $modes =~ ^[abc](,[abc])*$ ]] || { echo "--modes: a comma list of a, b, c" >&2; exit 2; }
+[[ $modes =~ ^[abcd](,[abcd])*$ ]] || { echo "--modes: a comma list of a, b, c, d" >&2; exit 2; }
 [[ $(id -u) == 0 ]] || { echo "run as root (sudo $0)" >&2; exit 1; }
 for tool in containerd ctr docker-registry skopeo python3 curl ip tc; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
 done
-for bin in "$dfdaemon" "$supernode"; do
+for bin in "$dfdaemon" "$supernode" "$dfget"; do
     [[ -x $bin ]] || { echo "no $bin (cargo build --release)" >&2; exit 1; }
 done
 
@@ -157,9 +162,10 @@ dfdaemon_id=$(bin_id "$dfdaemon")
 tmp=$(mktemp -d /tmp/dmr.XXXXXX)
 chmod 755 "$tmp"
 mkdir -p "$tmp/logs" "$tmp/bin"
-# Run copies: a rebuild during the run must not change what mode (c) starts.
-cp "$dfdaemon" "$supernode" "$tmp/bin/"
+# Run copies: a rebuild during the run must not change what modes (c), (d) start.
+cp "$dfdaemon" "$supernode" "$dfget" "$tmp/bin/"
 dfdaemon=$tmp/bin/$(basename "$dfdaemon") supernode=$tmp/bin/$(basename "$supernode")
+dfget=$tmp/bin/$(basename "$dfget")
 log "work dir $tmp"
 
 # A 10.a.b.0/24 (a in 200..254) that overlaps no route of the root namespace.
@@ -301,11 +307,12 @@ start_daemon() { # NAME HOST LOGFILE COMMAND...: starts in HOST's namespace; set
     mode_pids+=("$started")
 }
 
-start_containerds() { # MODE EXTRA-TOML
-    local mode=$1 extra=$2 i dir
+start_containerds() { # MODE EXTRA-TOML [CRI-TOML]: CRI-TOML is appended (tables of the CRI plugin)
+    local mode=$1 extra=$2 cri=${3:-} i dir
     for ((i = 1; i <= nodes; i++)); do
         dir=$tmp/$mode/n$i/ctd
         write_containerd_config "$dir" "${extra//@NODE@/n$i}"
+        printf '%s\n' "${cri//@NODE@/n$i}" >>"$dir/config.toml"
         start_daemon "containerd n$i" "n$i" "$tmp/logs/$mode-containerd-n$i.log" containerd --config "$dir/config.toml"
     done
     for ((i = 1; i <= nodes; i++)); do
@@ -323,22 +330,38 @@ stop_mode() { # MODE: stops the mode's daemons, unmounts and removes its data
     rm -rf "${tmp:?}/$mode"
 }
 
+# The containerd namespace of MODE's pulls: CRI's for (d), ours otherwise.
+ns_of() { if [[ $1 == snapshotter ]]; then echo k8s.io; else echo "$ns"; fi; }
+
+# pull_one MODE HOSTPORT I: node I pulls HOSTPORT/$image, output to its log:
+# `ctr image pull`, or for (d) a CRI PullImage (`dfget pull`).
+pull_one() {
+    local mode=$1 source=$2 i=$3 sock=$tmp/$1/n$3/ctd/c.sock
+    if [[ $mode == snapshotter ]]; then
+        timeout "$pull_timeout" ip netns exec "$prefix-n$i" \
+            "$dfget" pull "$source/$image" --containerd "$sock" --metrics "http://$subnet.$i:65003/metrics"
+    else
+        timeout "$pull_timeout" ip netns exec "$prefix-n$i" \
+            ctr -a "$sock" -n "$ns" image pull --plain-http "$source/$image"
+    fi
+}
 
 # pull_all MODE HOSTPORT: all nodes pull HOSTPORT/$image at the same instant;
-# writes "node seconds rc unpack_seconds" lines to $tmp/logs/MODE-times.
+# writes "node seconds rc unpack_seconds" lines to $tmp/logs/MODE-times and
+# the instant (epoch seconds) to $tmp/logs/MODE-start.
 pull_all() {
     local mode=$1 source=$2 start i pull_pids=()
     start=$(awk -v t="$(now)" 'BEGIN { printf "%.3f", t + 1.5 }')
+    echo "$start" >"$tmp/logs/$mode-start"
     for ((i = 1; i <= nodes; i++)); do
         (
             sleep "$(awk -v s="$start" -v t="$(now)" 'BEGIN { d = s - t; printf "%.3f", (d > 0 ? d : 0) }')"
             rc=0
-            timeout "$pull_timeout" ip netns exec "$prefix-n$i" \
-                ctr -a "$tmp/$mode/n$i/ctd/c.sock" -n $ns image pull --plain-http "$source/$image" \
-                >"$tmp/logs/$mode-ctr-n$i.log" 2>&1 || rc=$?
+            pull_one "$mode" "$source" "$i" >"$tmp/logs/$mode-pull-n$i.log" 2>&1 || rc=$?
             end=$(now)
-            # ctr ends with "done: <duration>", the unpack's duration.
-            unpack=$(sed -n 's/^done: //p' "$tmp/logs/$mode-ctr-n$i.log" | tail -n1)
+            # ctr ends with "done: <duration>", the unpack's duration (dfget
+            # has none: its unpack runs while the layers arrive).
+            unpack=$(sed -n 's/^done: //p' "$tmp/logs/$mode-pull-n$i.log" | tail -n1)
             awk -v s="$start" -v e="$end" -v n="n$i" -v rc="$rc" -v u="${unpack:-?}" \
                 'BEGIN { printf "%s %.3f %s %s\n", n, e - s, rc, u }' >"$tmp/logs/$mode-time-n$i"
         ) &
@@ -348,12 +371,12 @@ pull_all() {
     cat "$tmp/logs/$mode"-time-n* >"$tmp/logs/$mode-times"
     local failed
     failed=$(awk '$3 != 0 { print $1 " (rc " $3 ")" }' "$tmp/logs/$mode-times")
-    [[ -z $failed ]] || { tail -n 5 "$tmp/logs/$mode"-ctr-n*.log >&2; die "$mode: pulls failed on $failed"; }
+    [[ -z $failed ]] || { tail -n 5 "$tmp/logs/$mode"-pull-n*.log >&2; die "$mode: pulls failed on $failed"; }
 }
 verify_images() { # MODE
     local mode=$1 i out
     for ((i = 1; i <= nodes; i++)); do
-        out=$(in_ns "$prefix-n$i" ctr -a "$tmp/$mode/n$i/ctd/c.sock" -n $ns image check 2>&1) || true
+        out=$(in_ns "$prefix-n$i" ctr -a "$tmp/$mode/n$i/ctd/c.sock" -n "$(ns_of "$mode")" image check 2>&1) || true
         grep -q 'complete' <<<"$out" || die "$mode: image not complete on n$i: $out"
     done
 }
@@ -378,7 +401,80 @@ run_mode() {
     log "$mode: done: $(sort -k2 -n "$tmp/logs/$mode-times" | awk '{ printf "%s %ss  ", $1, $2 }')"
 }
 
+# start_mesh MODE [DFDAEMON-ARG...]: the supernode and one dfdaemon per node
+# (its own args after DFDAEMON-ARGs, @NODE@ in them replaced by the node's
+# name); sets sn_pid and df_pids.
+start_mesh() {
+    local mode=$1 i a args
+    shift
+    mkdir -p "$tmp/$mode/sn"
+    start_daemon supernode sn "$tmp/logs/$mode-supernode.log" \
+        "$supernode" --data-dir "$tmp/$mode/sn/data" --listen "$sn_ip:8002" \
+        --advertise-ip "$sn_ip" --metrics-listen "$sn_ip:8003"
+    sn_pid=$started
+    wait_for supernode "$sn_pid" in_ns "$prefix-sn" curl -fsS "http://$sn_ip:8003/metrics"
+    df_pids=()
+    for ((i = 1; i <= nodes; i++)); do
+        args=()
+        for a in "$@"; do args+=("${a//@NODE@/n$i}"); done
+        mkdir -p "$tmp/$mode/n$i/df"
+        start_daemon "dfdaemon n$i" "n$i" "$tmp/logs/$mode-dfdaemon-n$i.log" \
+            "$dfdaemon" --data-dir "$tmp/$mode/n$i/df/data" \
+            --content-socket "$tmp/$mode/n$i/df/df.sock" \
+            --supernode "$sn_ip:8002" --advertise-ip "$subnet.$i" --upload-port 65002 \
+            --metrics-listen "$subnet.$i:65003" "${args[@]}"
+        df_pids+=("$started")
+    done
+    for ((i = 1; i <= nodes; i++)); do
+        wait_for "dfdaemon n$i" "${df_pids[i - 1]}" test -S "$tmp/$mode/n$i/df/df.sock"
+        wait_for "dfdaemon n$i metrics" "${df_pids[i - 1]}" \
+            in_ns "$prefix-n$i" curl -fsS "http://$subnet.$i:65003/metrics"
+    done
+    log "$mode: supernode (pid $sn_pid) and $nodes dfdaemons up"
+}
+
+# run_mesh_mode MODE: the pull of a mesh mode, with the nodes' link bytes
+# around it; then checks that every blob is in each dfdaemon's store and
+# that no containerd has a content store of its own, and records metrics,
+# peak RSS and CPU seconds (supernode, dfdaemons, containerds).
+run_mesh_mode() {
+    local mode=$1 i d p h rss_df_max=0
+    for ((i = 1; i <= nodes; i++)); do
+        echo "$(tx_bytes "n$i") $(rx_bytes "n$i")" >"$tmp/logs/$mode-n$i-bytes0"
+    done
+    run_mode "$mode" "$reg_ip:$reg_port"
+    for ((i = 1; i <= nodes; i++)); do
+        echo "$(tx_bytes "n$i") $(rx_bytes "n$i")" >"$tmp/logs/$mode-n$i-bytes1"
+        for d in "${all_digests[@]}"; do
+            [[ -f $tmp/$mode/n$i/df/data/blobs/sha256/${d#sha256:} ]] ||
+                die "$mode: $d not in n$i's dfdaemon store"
+        done
+        [[ ! -e $tmp/$mode/n$i/ctd/root/io.containerd.content.v1.content ]] ||
+            die "$mode: n$i's containerd has a content store of its own"
+        in_ns "$prefix-n$i" curl -fsS "http://$subnet.$i:65003/metrics" >"$tmp/logs/$mode-dfdaemon-n$i.metrics" || true
+    done
+    in_ns "$prefix-sn" curl -fsS "http://$sn_ip:8003/metrics" >"$tmp/logs/$mode-supernode.metrics" || true
+    for p in "${df_pids[@]}"; do
+        h=$(hwm_kib "$p")
+        echo "$h" >>"$tmp/logs/$mode-dfdaemon-hwm-kib-all"
+        ((h > rss_df_max)) && rss_df_max=$h
+    done
+    echo "$rss_df_max" >"$tmp/logs/$mode-dfdaemon-hwm-kib"
+    for p in "${mode_pids[@]}"; do
+        awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f\n", ($14 + $15) / hz }' "/proc/$p/stat"
+    done >"$tmp/logs/$mode-cpu"
+    hwm_kib "$sn_pid" >"$tmp/logs/$mode-supernode-hwm-kib"
+    awk '/^VmRSS:/ { print $2 }' "/proc/$sn_pid/status" >"$tmp/logs/$mode-supernode-rss-kib"
+}
+
 # ------------------------------------------------------------------ modes ---
+
+content_proxy="disabled_plugins = [\"io.containerd.content.v1.content\"]
+
+[proxy_plugins]
+  [proxy_plugins.damselfly-content]
+    type = \"content\"
+    address = \"$tmp/@MODE@/@NODE@/df/df.sock\""
 
 IFS=, read -ra mode_list <<<"$modes"
 for m in "${mode_list[@]}"; do
@@ -399,63 +495,33 @@ for m in "${mode_list[@]}"; do
         rm -rf "$tmp/cache"
         ;;
     c)
-        mkdir -p "$tmp/damselfly/sn"
-        start_daemon supernode sn "$tmp/logs/supernode.log" \
-            "$supernode" --data-dir "$tmp/damselfly/sn/data" --listen "$sn_ip:8002" \
-            --advertise-ip "$sn_ip" --metrics-listen "$sn_ip:8003"
-        sn_pid=$started
-        wait_for supernode "$sn_pid" in_ns "$prefix-sn" curl -fsS "http://$sn_ip:8003/metrics"
-        df_pids=()
-        for ((i = 1; i <= nodes; i++)); do
-            mkdir -p "$tmp/damselfly/n$i/df"
-            start_daemon "dfdaemon n$i" "n$i" "$tmp/logs/dfdaemon-n$i.log" \
-                "$dfdaemon" --data-dir "$tmp/damselfly/n$i/df/data" \
-                --content-socket "$tmp/damselfly/n$i/df/df.sock" \
-                --supernode "$sn_ip:8002" --advertise-ip "$subnet.$i" --upload-port 65002 \
-                --metrics-listen "$subnet.$i:65003"
-            df_pids+=("$started")
-        done
-        for ((i = 1; i <= nodes; i++)); do
-            wait_for "dfdaemon n$i" "${df_pids[i - 1]}" test -S "$tmp/damselfly/n$i/df/df.sock"
-            wait_for "dfdaemon n$i metrics" "${df_pids[i - 1]}" \
-                in_ns "$prefix-n$i" curl -fsS "http://$subnet.$i:65003/metrics"
-        done
-        log "damselfly: supernode (pid $sn_pid) and $nodes dfdaemons up"
-        start_containerds damselfly "disabled_plugins = [\"io.containerd.content.v1.content\"]
-
-[proxy_plugins]
-  [proxy_plugins.damselfly]
-    type = \"content\"
-    address = \"$tmp/damselfly/@NODE@/df/df.sock\""
-        for ((i = 1; i <= nodes; i++)); do
-            echo "$(tx_bytes "n$i") $(rx_bytes "n$i")" >"$tmp/logs/damselfly-n$i-bytes0"
-        done
-        run_mode damselfly "$reg_ip:$reg_port"
-        for ((i = 1; i <= nodes; i++)); do
-            echo "$(tx_bytes "n$i") $(rx_bytes "n$i")" >"$tmp/logs/damselfly-n$i-bytes1"
-            for d in "${all_digests[@]}"; do
-                [[ -f $tmp/damselfly/n$i/df/data/blobs/sha256/${d#sha256:} ]] ||
-                    die "damselfly: $d not in n$i's dfdaemon store"
-            done
-            [[ ! -e $tmp/damselfly/n$i/ctd/root/io.containerd.content.v1.content ]] ||
-                die "damselfly: n$i's containerd has a content store of its own"
-            in_ns "$prefix-n$i" curl -fsS "http://$subnet.$i:65003/metrics" >"$tmp/logs/dfdaemon-n$i.metrics" || true
-        done
-        in_ns "$prefix-sn" curl -fsS "http://$sn_ip:8003/metrics" >"$tmp/logs/supernode.metrics" || true
-        rss_df_max=0
-        for p in "${df_pids[@]}"; do
-            h=$(hwm_kib "$p")
-            echo "$h" >>"$tmp/logs/dfdaemon-hwm-kib"
-            ((h > rss_df_max)) && rss_df_max=$h
-        done
-        echo "$rss_df_max" >"$tmp/logs/damselfly-dfdaemon-hwm-kib"
-        # CPU seconds (user + system) of the dfdaemons and of the containerds.
-        for p in "${mode_pids[@]}"; do
-            awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f\n", ($14 + $15) / hz }' "/proc/$p/stat"
-        done >"$tmp/logs/damselfly-cpu"
-        hwm_kib "$sn_pid" >"$tmp/logs/damselfly-supernode-hwm-kib"
-        awk '/^VmRSS:/ { print $2 }' "/proc/$sn_pid/status" >"$tmp/logs/damselfly-supernode-rss-kib"
+        start_mesh damselfly
+        start_containerds damselfly "${content_proxy//@MODE@/damselfly}"
+        run_mesh_mode damselfly
         stop_mode damselfly
+        ;;
+    d)
+        # CRI reads the registry's hosts.toml (plain HTTP) from certs.d, and
+        # so does each dfdaemon's fast path.
+        for ((i = 1; i <= nodes; i++)); do
+            mkdir -p "$tmp/snapshotter/n$i/ctd/certs.d/$reg_ip:$reg_port"
+            printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' \
+                "$reg_ip:$reg_port" "$reg_ip:$reg_port" >"$tmp/snapshotter/n$i/ctd/certs.d/$reg_ip:$reg_port/hosts.toml"
+        done
+        start_mesh snapshotter \
+            --snapshot-socket "$tmp/snapshotter/@NODE@/df/snap.sock" \
+            --containerd-socket "$tmp/snapshotter/@NODE@/ctd/c.sock" \
+            --hosts-dir "$tmp/snapshotter/@NODE@/ctd/certs.d"
+        start_containerds snapshotter "${content_proxy//@MODE@/snapshotter}
+  [proxy_plugins.damselfly]
+    type = \"snapshot\"
+    address = \"$tmp/snapshotter/@NODE@/df/snap.sock\"" \
+            "[plugins.\"io.containerd.grpc.v1.cri\".registry]
+  config_path = \"$tmp/snapshotter/@NODE@/ctd/certs.d\"
+[plugins.\"io.containerd.grpc.v1.cri\".containerd]
+  snapshotter = \"damselfly\""
+        run_mesh_mode snapshotter
+        stop_mode snapshotter
         ;;
     esac
 done
@@ -464,13 +530,17 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 # ----------------------------------------------------------------- report ---
 
 report=$(python3 - "$tmp/logs" "$image_bytes" "$mbit" "$nodes" "$modes" <<'EOF'
-import os, re, statistics, sys
+import datetime, os, re, statistics, sys
 logs, image_bytes, mbit, nodes, modes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5].split(",")
 MiB = 1 << 20
 ideal = image_bytes * 8 / (mbit * 1e6)
-names = {"a": "direct", "b": "cache", "c": "damselfly"}
+names = {"a": "direct", "b": "cache", "c": "damselfly", "d": "snapshotter"}
 label = {"direct": "(a) direct from the registry", "cache": "(b) pull-through cache",
-         "damselfly": "(c) damselfly"}
+         "damselfly": "(c) damselfly content store",
+         "snapshotter": "(d) damselfly content store + snapshotter, CRI pull"}
+# Issue 3's targets for (c), issue 7's for (d): slowest node / one-copy time,
+# registry copies, dfdaemon peak RSS MiB.
+targets = {"damselfly": (1.3, 1.1, 64, "issue 3"), "snapshotter": (1.3, 1.05, 64, "issue 7")}
 
 def read(path):
     with open(os.path.join(logs, path)) as f:
@@ -479,13 +549,10 @@ def read(path):
 def delta(mode, host, i):
     return int(read(f"{mode}-{host}-bytes1")[i]) - int(read(f"{mode}-{host}-bytes0")[i])
 
-out = []
-out.append(f"One copy of the image over one {mbit} Mbit/s link (ideal): {image_bytes} B × 8 / {mbit}e6 = **{ideal:.2f} s**")
-out.append("")
-out.append("| mode | p50 node s | max node s | max / ideal | registry egress (copies) | cache egress (copies) | load before → after |")
-out.append("|---|---|---|---|---|---|---|")
-per_node = []
-fetch_rows = []
+def times(mode):
+    rows = [l.split() for l in open(os.path.join(logs, f"{mode}-times"))]
+    rows.sort(key=lambda r: int(r[0][1:]))
+    return rows
 
 def go_secs(d):  # a Go duration as ctr prints it: 1m2.5s, 3.2s, 176.4ms
     if d == "?":
@@ -494,10 +561,29 @@ def go_secs(d):  # a Go duration as ctr prints it: 1m2.5s, 3.2s, 176.4ms
     for num, unit in re.findall(r"([0-9.]+)(ms|µs|us|ns|s|m|h)", d):
         total += float(num) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9}[unit]
     return f"{total:.2f}"
+
+def log_lines(mode, i):
+    return open(os.path.join(logs, f"{mode}-dfdaemon-n{i}.log"), errors="replace").read().splitlines()
+
+def stamp(line):  # seconds since the epoch of a dfdaemon log line
+    return datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
+
+def samples(mode, i, name):  # {label value: count} of a labelled counter in a node's metrics
+    path = os.path.join(logs, f"{mode}-dfdaemon-n{i}.metrics")
+    text = open(path).read() if os.path.exists(path) else ""
+    return {m.group(1): int(float(m.group(2)))
+            for m in re.finditer(rf'^damselfly_{name}_total{{\w+="([^"]*)"}} (\S+)$', text, re.M)}
+
+out = []
+out.append(f"One copy of the image over one {mbit} Mbit/s link (ideal): {image_bytes} B × 8 / {mbit}e6 = **{ideal:.2f} s**")
+out.append("")
+out.append("| mode | p50 node s | max node s | max / ideal | registry egress (copies) | cache egress (copies) | load before → after |")
+out.append("|---|---|---|---|---|---|---|")
+per_node = []
+fetch_rows = []
 for m in modes:
     mode = names[m]
-    rows = [l.split() for l in open(os.path.join(logs, f"{mode}-times"))]
-    rows.sort(key=lambda r: int(r[0][1:]))
+    rows = times(mode)
     t = [float(r[1]) for r in rows]
     reg = delta(mode, "reg", 0) / image_bytes
     cache = f"{delta(mode, 'cache', 0) / image_bytes:.2f}" if mode == "cache" else "–"
@@ -506,35 +592,39 @@ for m in modes:
                f"{reg:.2f} | {cache} | {lb} → {la} |")
     per_node.append(f"| {mode} | " + " | ".join(f"{float(r[1]):.2f} ({go_secs(r[3])})" for r in rows) + " |")
     unpack = [float(go_secs(r[3])) for r in rows if go_secs(r[3]) != "?"]
-    if len(unpack) == len(rows):
+    if unpack and len(unpack) == len(rows):
         fetch = [float(r[1]) - u for r, u in zip(rows, unpack)]
         fetch_rows.append(f"| {label[mode]} | {statistics.median(fetch):.2f} | {max(fetch):.2f} | "
                           f"{max(fetch) / ideal:.2f} | {statistics.median(unpack):.2f} | {max(unpack):.2f} |")
+if fetch_rows:
+    out.append("")
+    out.append("Fetch phase only, for the `ctr image pull` modes (each node's wall time minus ctr's `done:` figure, the unpack; what the distribution itself took):")
+    out.append("")
+    out.append("| mode | p50 fetch s | max fetch s | max fetch / ideal | p50 unpack s | max unpack s |")
+    out.append("|---|---|---|---|---|---|")
+    out += fetch_rows
 out.append("")
-out.append("Fetch phase only (each node's wall time minus ctr's `done:` figure, the unpack; what the distribution itself took):")
-out.append("")
-out.append("| mode | p50 fetch s | max fetch s | max fetch / ideal | p50 unpack s | max unpack s |")
-out.append("|---|---|---|---|---|---|")
-out += fetch_rows
-out.append("")
-out.append("Per node: wall time s (in parentheses ctr's own `done:` figure, the unpack's duration):")
+out.append("Per node: wall time s (in parentheses ctr's own `done:` figure, the unpack's duration; `?` for the CRI pull, whose unpack runs while the layers arrive):")
 out.append("")
 out.append("| mode | " + " | ".join(f"n{i}" for i in range(1, nodes + 1)) + " |")
 out.append("|---|" + "---|" * nodes)
 out += per_node
 
-if "c" in modes:
-    df = int(read("damselfly-dfdaemon-hwm-kib")[0]) / 1024
-    hwms = [int(x) / 1024 for x in read("dfdaemon-hwm-kib")]
-    sn = int(read("damselfly-supernode-hwm-kib")[0]) / 1024
-    snr = int(read("damselfly-supernode-rss-kib")[0]) / 1024
+for m in [m for m in modes if names[m] in targets]:
+    mode = names[m]
+    df = int(read(f"{mode}-dfdaemon-hwm-kib")[0]) / 1024
+    hwms = [int(x) / 1024 for x in read(f"{mode}-dfdaemon-hwm-kib-all")]
+    sn = int(read(f"{mode}-supernode-hwm-kib")[0]) / 1024
+    snr = int(read(f"{mode}-supernode-rss-kib")[0]) / 1024
     out.append("")
-    out.append("| damselfly process | value |")
+    out.append(f"#### {label[mode]}")
+    out.append("")
+    out.append("| process | value |")
     out.append("|---|---|")
     out.append(f"| dfdaemon peak RSS, max VmHWM over {nodes} | **{df:.1f} MiB** (all: {' '.join(f'{h:.0f}' for h in hwms)}) |")
     out.append(f"| supernode peak RSS (VmHWM) / RSS at the end | {sn:.1f} / {snr:.1f} MiB |")
-    out.append(f"| supernode eth0 tx during the pull | {delta('damselfly', 'sn', 0) / MiB:.1f} MiB |")
-    cpu = [float(x) for x in read("damselfly-cpu")]  # supernode, dfdaemons, containerds
+    out.append(f"| supernode eth0 tx during the pull | {delta(mode, 'sn', 0) / MiB:.1f} MiB |")
+    cpu = [float(x) for x in read(f"{mode}-cpu")]  # supernode, dfdaemons, containerds
     out.append(f"| CPU s (user+sys): supernode / {nodes} dfdaemons / {nodes} containerds | "
                f"{cpu[0]:.1f} / {sum(cpu[1:1 + nodes]):.1f} / {sum(cpu[1 + nodes:]):.1f} |")
     out.append("")
@@ -543,31 +633,48 @@ if "c" in modes:
     out.append("| node | pieces from peers | from the supernode's repo | from registry | rx MiB | tx MiB | downloading from peers | ingesting from the registry | took over | mesh stalled |")
     out.append("|---|---|---|---|---|---|---|---|---|---|")
     for i in range(1, nodes + 1):
-        text = open(os.path.join(logs, f"dfdaemon-n{i}.log"), errors="replace").read()
-        lines = text.splitlines()
+        lines = log_lines(mode, i)
         piece = [l for l in lines if "downloading piece" in l]
         peer = sum(1 for l in piece if re.search(r'source="?peer', l))
         regp = sum(1 for l in piece if re.search(r'source="?registry', l))
         supp = sum(1 for l in piece if re.search(r'source="?supernode', l))
         c = lambda s: sum(1 for l in lines if s in l)
-        tx = delta("damselfly", f"n{i}", 0) / MiB
-        rx = delta("damselfly", f"n{i}", 1) / MiB
+        tx = delta(mode, f"n{i}", 0) / MiB
+        rx = delta(mode, f"n{i}", 1) / MiB
         out.append(f"| n{i} | {peer} | {supp} | {regp} | {rx:.0f} | {tx:.0f} | {c('downloading from peers')} | "
                    f"{c('ingesting from the registry')} | {c('elected to take over')} | {c('mesh download stalled')} |")
+    if mode == "snapshotter":
+        start = float(read("snapshotter-start")[0])
+        out.append("")
+        out.append("Where the time of each CRI pull went, in seconds from the common start (dfdaemon's log): the fast path's start "
+                   "(its first Prepare), the last piece in (fetch end), the last layer unpacked (`fast path: layer fetched and "
+                   "unpacked`), and the CRI pull's end; the unpack tail is last unpacked − last piece. Then the layers dfdaemon "
+                   "unpacked by source and the Prepares it declined (its metrics):")
+        out.append("")
+        out.append("| node | fast path start | last piece in | last layer unpacked | CRI pull done | unpack tail s | unpacked by source | declined |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for i, row in zip(range(1, nodes + 1), times(mode)):
+            lines = log_lines(mode, i)
+            at = lambda pat: [stamp(l) - start for l in lines if pat in l]
+            began, pieces, unpacked = at("fast path: fetching and unpacking"), at("downloading piece"), at("layer fetched and unpacked")
+            f = lambda xs, pick: f"{pick(xs):.2f}" if xs else "–"
+            tail = f"{max(unpacked) - max(pieces):.2f}" if unpacked and pieces else "–"
+            by = samples(mode, i, "dfdaemon_unpacked_layers")
+            declined = samples(mode, i, "dfdaemon_fast_path_declined")
+            out.append(f"| n{i} | {f(began, min)} | {f(pieces, max)} | {f(unpacked, max)} | {float(row[1]):.2f} | {tail} | "
+                       f"{' '.join(f'{k} {v}' for k, v in sorted(by.items())) or 'none'} | "
+                       f"{' '.join(f'{k} {v}' for k, v in sorted(declined.items())) or 'none'} |")
 
-out.append("")
-ok = lambda b: "**met**" if b else "**MISSED**"
-out.append("Targets (issue 3), for damselfly:")
-out.append("")
-if "c" in modes:
-    rows = [l.split() for l in open(os.path.join(logs, "damselfly-times"))]
-    mx = max(float(r[1]) for r in rows)
-    reg = delta("damselfly", "reg", 0) / image_bytes
-    out.append(f"- slowest node ≤ 1.3 × one-copy time ({1.3 * ideal:.2f} s): {mx:.2f} s = {mx / ideal:.2f} × → {ok(mx <= 1.3 * ideal)}")
-    out.append(f"- registry egress ≤ 1.1 copies: {reg:.2f} → {ok(reg <= 1.1)}")
-    out.append(f"- dfdaemon peak RSS ≤ 64 MiB: {df:.1f} MiB → {ok(df <= 64)}")
-else:
-    out.append("- slowest node ≤ 1.3 × one-copy time; registry egress ≤ 1.1 copies; dfdaemon peak RSS ≤ 64 MiB (mode c not run)")
+    slow, copies, rss, issue = targets[mode]
+    mx = max(float(r[1]) for r in times(mode))
+    reg = delta(mode, "reg", 0) / image_bytes
+    ok = lambda b: "**met**" if b else "**MISSED**"
+    out.append("")
+    out.append(f"Targets ({issue}), for {label[mode]}:")
+    out.append("")
+    out.append(f"- slowest node ≤ {slow} × one-copy time ({slow * ideal:.2f} s): {mx:.2f} s = {mx / ideal:.2f} × → {ok(mx <= slow * ideal)}")
+    out.append(f"- registry egress ≤ {copies} copies: {reg:.2f} → {ok(reg <= copies)}")
+    out.append(f"- dfdaemon peak RSS ≤ {rss} MiB: {df:.1f} MiB → {ok(df <= rss)}")
 print("\n".join(out))
 EOF
 )
@@ -581,7 +688,7 @@ cat <<EOF
 - date: $(date -u +%Y-%m-%dT%H:%MZ); dfdaemon $dfdaemon_id; $tree_id; $(containerd --version | awk '{print $1 " " $3}'); docker-registry $(docker-registry --version | awk '{print $3}')
 - machine: $(nproc) CPUs, $mem, kernel $(uname -r); load average before $load_before, after $load_after
 - image: \`$image\` (set \`$set_name\`): ${#all_digests[@]} blobs, $nlayers layers, $image_bytes bytes
-- setup: every node, the registry, the cache and the supernode in its own network namespace on one bridge ($subnet.0/24), every link tbf $mbit Mbit/s in both directions; containerd, dfdaemon and ctr inside the node's namespace; each mode with fresh containerds (and dfdaemons/supernode/cache), page cache dropped before it; all $nodes \`ctr image pull --plain-http\` started at the same instant, node time = start → its ctr exits (fetch + unpack)
+- setup: every node, the registry, the cache and the supernode in its own network namespace on one bridge ($subnet.0/24), every link tbf $mbit Mbit/s in both directions; containerd, dfdaemon and ctr inside the node's namespace; each mode with fresh containerds (and dfdaemons/supernode/cache), page cache dropped before it; all $nodes pulls (\`ctr image pull --plain-http\`; for (d) a CRI PullImage, \`dfget pull\`) started at the same instant, node time = start → its client exits (fetch + unpack)
 
 $report
 EOF

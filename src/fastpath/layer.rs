@@ -28,8 +28,10 @@ use crate::unpack::{Applied, Compression, UnpackError, Whiteouts, apply_layer};
 
 /// Chunks buffered between the fetch and the unpacker.
 const CHANNEL_CHUNKS: usize = 64;
-/// Size of the chunks read back from the store.
-const READ_CHUNK: usize = 1 << 20;
+/// Size of the chunks read back from the store: with [`CHANNEL_CHUNKS`] of
+/// them buffered, a layer read back holds at most 4 MiB in memory while its
+/// unpacker lags.
+const READ_CHUNK: usize = 64 << 10;
 
 /// Why a layer could not be taken on the fast path.
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod mesh;
 pub mod netns;
 pub mod secure_registry;
 pub mod snapshotter_node;
@@ -758,8 +759,7 @@ state = "{state}"
         self.ctr_in("test", args)
     }
 
-    /// Runs `ctr` against this containerd in `namespace` (`k8s.io` for
-    /// what CRI pulled).
+    /// Runs `ctr` against this containerd in `namespace` (CRI's is `k8s.io`).
     pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Output {
         command_in(self.host.as_ref().map(Host::netns), "ctr")
             .arg("--address")
@@ -885,7 +885,35 @@ impl Node {
         dfdaemon_args: Vec<String>,
         env: Vec<(String, String)>,
     ) -> Self {
+        Self::start_with(
+            scratch,
+            host,
+            registry,
+            dfdaemon_args,
+            env,
+            Plugins::Content,
+        )
+    }
+
+    /// Like [`Node::start_in_with_env`], dfdaemon serving containerd
+    /// `plugins`. As its snapshotter too, it is told containerd's socket and
+    /// hosts dir (for the fast path), and its snapshot socket is
+    /// `<host>-snapshot.sock`.
+    pub fn start_with(
+        scratch: &Scratch,
+        host: &Host,
+        registry: &Registry,
+        mut dfdaemon_args: Vec<String>,
+        env: Vec<(String, String)>,
+        plugins: Plugins,
+    ) -> Self {
         let name = host.name();
+        let containerd_name = format!("{name}-containerd");
+        let snapshot_socket = (plugins == Plugins::ContentAndSnapshots)
+            .then(|| scratch.join(&format!("{name}-snapshot.sock")));
+        if let Some(socket) = &snapshot_socket {
+            dfdaemon_args.extend(snapshotter_args(scratch, &containerd_name, socket));
+        }
         let dfdaemon = Dfdaemon::start_in_with_env(
             scratch,
             &format!("{name}-dfdaemon"),
@@ -893,11 +921,12 @@ impl Node {
             dfdaemon_args,
             env,
         );
-        let containerd = Containerd::start_in(
+        let containerd = Containerd::start_with(
             scratch,
-            &format!("{name}-containerd"),
+            &containerd_name,
             Some(host),
-            &dfdaemon.socket,
+            Some(&dfdaemon.socket),
+            snapshot_socket.as_deref(),
             &registry.host,
         );
         Self {
@@ -905,6 +934,25 @@ impl Node {
             containerd,
         }
     }
+}
+
+/// dfdaemon's arguments to serve `snapshot_socket` with the fast path on,
+/// for containerd `containerd_name` (its socket and hosts dir, as
+/// [`Containerd::paths`] says).
+pub fn snapshotter_args(
+    scratch: &Scratch,
+    containerd_name: &str,
+    snapshot_socket: &Path,
+) -> Vec<String> {
+    let (containerd_socket, hosts_dir) = Containerd::paths(scratch, containerd_name);
+    [
+        ("--snapshot-socket", snapshot_socket),
+        ("--containerd-socket", &containerd_socket),
+        ("--hosts-dir", &hosts_dir),
+    ]
+    .into_iter()
+    .flat_map(|(option, path)| [option.to_owned(), path.display().to_string()])
+    .collect()
 }
 
 /// The text of a Prometheus `/metrics` page on `addr` (`ip:port`).
@@ -916,6 +964,15 @@ pub async fn scrape(addr: &str) -> String {
         .text()
         .await
         .expect("read metrics")
+}
+
+/// The proxy plugins a node's dfdaemon serves its containerd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plugins {
+    /// The content store only; containerd's own overlayfs snapshotter.
+    Content,
+    /// The content store and the snapshotter `damselfly` (CRI's default).
+    ContentAndSnapshots,
 }
 
 /// Polls `condition` every 10 ms until it holds or `timeout` passes.

@@ -3,7 +3,7 @@
 //! a CRI pull, dfdaemon's metrics, `ctr` in CRI's namespace, and a container
 //! run from the pulled image.
 
-use super::{Containerd, Dfdaemon, Scratch, Upstream, free_port, scrape};
+use super::{Containerd, Dfdaemon, Scratch, Upstream, free_port, scrape, snapshotter_args};
 
 /// The files of `damselfly/multi:v1`'s non-empty layers, with their sizes
 /// (test-images/generate.py).
@@ -33,21 +33,10 @@ impl SnapshotterNode {
         dfdaemon_args: Vec<String>,
         env: Vec<(String, String)>,
     ) -> Self {
-        let (containerd_socket, hosts_dir) = Containerd::paths(scratch, "containerd");
         let snapshot_socket = scratch.join("snapshot.sock");
         let metrics = format!("127.0.0.1:{}", free_port());
-        let mut args: Vec<String> = [
-            "--snapshot-socket",
-            &snapshot_socket.display().to_string(),
-            "--containerd-socket",
-            &containerd_socket.display().to_string(),
-            "--hosts-dir",
-            &hosts_dir.display().to_string(),
-            "--metrics-listen",
-            &metrics,
-        ]
-        .map(str::to_owned)
-        .into();
+        let mut args = snapshotter_args(scratch, "containerd", &snapshot_socket);
+        args.extend(["--metrics-listen".to_owned(), metrics.clone()]);
         args.extend(dfdaemon_args);
         let dfdaemon = Dfdaemon::start_in_with_env(scratch, "dfdaemon", None, args, env);
         let containerd = Containerd::start_with(
