@@ -5,7 +5,9 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod fast_path;
 pub mod netns;
+pub mod oci;
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -480,6 +482,9 @@ pub struct CatalogBlob {
     pub kind: String,
     #[serde(default)]
     pub platform: Option<String>,
+    /// Of a layer: the digest of its uncompressed tar.
+    #[serde(default)]
+    pub diff_id: Option<String>,
 }
 
 impl Catalog {
@@ -668,10 +673,15 @@ disabled_plugins = ["io.containerd.content.v1.content"]
 
     /// Runs `ctr` against this containerd in namespace `test`.
     pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_in("test", args)
+    }
+
+    /// Runs `ctr` against this containerd in `namespace`.
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Output {
         command_in(self.host.as_ref().map(Host::netns), "ctr")
             .arg("--address")
             .arg(&self.socket)
-            .args(["--namespace", "test"])
+            .args(["--namespace", namespace])
             .args(args)
             .output()
             .expect("run ctr")
@@ -679,7 +689,12 @@ disabled_plugins = ["io.containerd.content.v1.content"]
 
     /// Like [`Containerd::ctr`], panicking (with containerd's log) on failure.
     pub fn ctr_ok(&self, args: &[&str]) -> Vec<u8> {
-        let out = self.ctr(args);
+        self.ctr_ok_in("test", args)
+    }
+
+    /// Like [`Containerd::ctr_in`], panicking (with containerd's log) on failure.
+    pub fn ctr_ok_in(&self, namespace: &str, args: &[&str]) -> Vec<u8> {
+        let out = self.ctr_in(namespace, args);
         assert!(
             out.status.success(),
             "ctr {args:?} failed: {}\ncontainerd log tail:\n{}",
