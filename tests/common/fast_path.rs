@@ -140,7 +140,7 @@ impl FastPathNode {
 
     /// The tree of committed snapshot `name` (containerd's name, in
     /// `namespace`, of `snapshotter`), read through a view mounted under
-    /// `scratch` and removed again.
+    /// `scratch`, then unmounted and removed.
     pub fn snapshot_tree(
         &self,
         scratch: &Scratch,
@@ -164,7 +164,17 @@ impl FastPathNode {
         }
         let tree = Tree::read(&target);
         nix::mount::umount2(&target, MntFlags::MNT_DETACH).expect("unmount the view");
-        ctr(&["rm", &key]);
+        // ctr made the view under a lease of its own, so containerd's GC
+        // may have removed it already.
+        let removed = self.containerd.ctr_in(
+            namespace,
+            &["snapshots", "--snapshotter", snapshotter, "rm", &key],
+        );
+        let stderr = String::from_utf8_lossy(&removed.stderr);
+        assert!(
+            removed.status.success() || stderr.contains("not found"),
+            "remove view {key}: {stderr}"
+        );
         tree
     }
 }
