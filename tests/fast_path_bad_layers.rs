@@ -38,7 +38,7 @@ enum FastPath {
 
 struct Case {
     name: &'static str,
-    /// The layer over the good base layer.
+    /// The layer between a good base layer and a good layer above.
     layer: Layer,
     /// Whether containerd's own applier (containerd 1.6, archive/tar.go and
     /// the unpacker's diff_id check) applies it, and then the file it
@@ -63,106 +63,13 @@ async fn bad_layers_escape_nothing_and_end_as_containerd_ends_them() {
             .finish(),
     );
 
+    // A layer above the bad one: where the bad one goes containerd's way,
+    // so must every layer above it.
+    let above = Layer::gzip(Tar::new().file("damselfly/above.txt", b"above\n").finish());
     for case in cases(canary.to_str().unwrap()) {
-        let image = Image::new(vec![base.clone(), case.layer.clone()]);
-        let reference = image
-            .push(&registry.host, &format!("bad/{}", case.name), "v1")
-            .await;
-        let chains = image.chain_ids();
-        let declined_before = match case.fast_path {
-            FastPath::Declines { reason, .. } => node.declined(reason).await,
-            FastPath::Takes => 0.0,
-        };
-
-        let pulled = node.cri_pull(&reference).await;
-        let alone = node.containerd.ctr_in(
-            REFERENCE_NAMESPACE,
-            &[
-                "image",
-                "pull",
-                "--plain-http",
-                "--snapshotter",
-                REFERENCE_SNAPSHOTTER,
-                &reference,
-            ],
-        );
-        let name = case.name;
-        assert_eq!(
-            alone.status.success(),
-            case.containerd_applies,
-            "{name}: containerd alone: {}",
-            String::from_utf8_lossy(&alone.stderr)
-        );
-        assert_eq!(
-            pulled.is_ok(),
-            case.containerd_applies,
-            "{name}: the CRI pull ends as containerd alone: {pulled:?}\ndfdaemon log:\n{}",
-            node.dfdaemon.log_text()
-        );
-        assert_canary_untouched(&canary, name);
-
-        let backend = node.backend_snapshots().await;
-        let has = |name: &str| backend.iter().any(|info| info.name == name);
-        let fast_path_name = |chain: &str| format!("{CRI_NAMESPACE}/damselfly/{chain}");
-        assert!(
-            has(&fast_path_name(&chains[0])),
-            "{name}: base on the fast path"
-        );
-        match case.fast_path {
-            FastPath::Takes => {
-                assert!(has(&fast_path_name(&chains[1])), "{name}: {backend:?}");
-            }
-            FastPath::Declines { reason, says } => {
-                assert!(!has(&fast_path_name(&chains[1])), "{name}: {backend:?}");
-                assert!(
-                    node.declined(reason).await > declined_before,
-                    "{name}: a Prepare declined for {reason}"
-                );
-                let log = node.dfdaemon.log_text();
-                let digest = image.digest();
-                assert!(
-                    log.lines().any(|l| l.contains("fast path not taken")
-                        && l.contains(&digest)
-                        && l.contains(says)),
-                    "{name}: dfdaemon says why ({says}):\n{log}"
-                );
-            }
-        }
-        if case.containerd_applies {
-            let ours = node.snapshot_tree(&scratch, CRI_NAMESPACE, SNAPSHOTTER, &chains[1]);
-            let theirs = node.snapshot_tree(
-                &scratch,
-                REFERENCE_NAMESPACE,
-                REFERENCE_SNAPSHOTTER,
-                &chains[1],
-            );
-            assert_eq!(ours, theirs, "{name}: the tree containerd alone makes");
-            let lands_at = case.lands_at.as_deref().unwrap();
-            assert!(
-                matches!(
-                    ours.get(lands_at),
-                    Some(common::fast_path::Node::File { .. })
-                ),
-                "{name}: {lands_at} in {ours:?}"
-            );
-        } else {
-            // containerd removes its failed extraction snapshot from its
-            // metadata at once, and from dfdaemon at its next GC: until
-            // then it may be listed there, active, never committed.
-            let committed: Vec<_> = backend
-                .iter()
-                .filter(|i| i.name.contains(&chains[1]) && is_committed(i))
-                .collect();
-            assert!(
-                committed.is_empty(),
-                "{name}: nothing committed: {committed:?}"
-            );
-            let listed = node.k8s(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"]);
-            assert!(
-                !listed.contains(&chains[1]),
-                "{name}: containerd lists none:\n{listed}"
-            );
-        }
+        let image = Image::new(vec![base.clone(), case.layer.clone(), above.clone()]);
+        pull_case(&node, &scratch, &registry, &case, &image).await;
+        assert_canary_untouched(&canary, case.name);
     }
 
     let good = Image::new(vec![
@@ -195,6 +102,113 @@ async fn bad_layers_escape_nothing_and_end_as_containerd_ends_them() {
         Vec::<String>::new(),
         "staging dirs left"
     );
+}
+
+/// Pulls `image` (base, the case's bad layer, a layer above) by CRI and
+/// by containerd alone, and checks the case's outcome.
+async fn pull_case(
+    node: &FastPathNode,
+    scratch: &Scratch,
+    registry: &Registry,
+    case: &Case,
+    image: &Image,
+) {
+    let name = case.name;
+    let reference = image
+        .push(&registry.host, &format!("bad/{name}"), "v1")
+        .await;
+    let chains = image.chain_ids();
+    let (bad, top) = (&chains[1], &chains[2]);
+    let declined_before = match case.fast_path {
+        FastPath::Declines { reason, .. } => node.declined(reason).await,
+        FastPath::Takes => 0.0,
+    };
+
+    let pulled = node.cri_pull(&reference).await;
+    let alone = node.containerd.ctr_in(
+        REFERENCE_NAMESPACE,
+        &[
+            "image",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            REFERENCE_SNAPSHOTTER,
+            &reference,
+        ],
+    );
+    assert_eq!(
+        alone.status.success(),
+        case.containerd_applies,
+        "{name}: containerd alone: {}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
+    assert_eq!(
+        pulled.is_ok(),
+        case.containerd_applies,
+        "{name}: the CRI pull ends as containerd alone: {pulled:?}\ndfdaemon log:\n{}",
+        node.dfdaemon.log_text()
+    );
+
+    let backend = node.backend_snapshots().await;
+    let on_fast_path = |chain: &str| {
+        let wanted = format!("{CRI_NAMESPACE}/damselfly/{chain}");
+        backend.iter().any(|info| info.name == wanted)
+    };
+    assert!(on_fast_path(&chains[0]), "{name}: base on the fast path");
+    match case.fast_path {
+        FastPath::Takes => {
+            assert!(
+                on_fast_path(bad) && on_fast_path(top),
+                "{name}: {backend:?}"
+            );
+        }
+        FastPath::Declines { reason, says } => {
+            assert!(
+                !on_fast_path(bad) && !on_fast_path(top),
+                "{name}: {backend:?}"
+            );
+            assert!(
+                node.declined(reason).await > declined_before,
+                "{name}: a Prepare declined for {reason}"
+            );
+            let log = node.dfdaemon.log_text();
+            let digest = image.digest();
+            assert!(
+                log.lines().any(|l| l.contains("fast path not taken")
+                    && l.contains(&digest)
+                    && l.contains(says)),
+                "{name}: dfdaemon says why ({says}):\n{log}"
+            );
+        }
+    }
+    if case.containerd_applies {
+        let ours = node.snapshot_tree(scratch, CRI_NAMESPACE, SNAPSHOTTER, top);
+        let theirs = node.snapshot_tree(scratch, REFERENCE_NAMESPACE, REFERENCE_SNAPSHOTTER, top);
+        assert_eq!(ours, theirs, "{name}: the tree containerd alone makes");
+        for path in [case.lands_at.as_deref().unwrap(), "damselfly/above.txt"] {
+            assert!(
+                matches!(ours.get(path), Some(common::fast_path::Node::File { .. })),
+                "{name}: {path} in {ours:?}"
+            );
+        }
+    } else {
+        // containerd removes its failed extraction snapshot from its
+        // metadata at once, and from dfdaemon at its next GC: until then
+        // it may be listed there, active, never committed.
+        let committed: Vec<_> = backend
+            .iter()
+            .filter(|i| is_committed(i) && (i.name.contains(bad) || i.name.contains(top)))
+            .collect();
+        assert!(
+            committed.is_empty(),
+            "{name}: nothing committed: {committed:?}"
+        );
+        let listed = node.k8s(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"]);
+        assert!(
+            !listed.contains(bad) && !listed.contains(top),
+            "{name}: containerd lists none:\n{listed}"
+        );
+    }
 }
 
 /// The bad layers; `canary` is the absolute path of a directory outside
