@@ -2,7 +2,8 @@
 //! it made: dfdaemon killed (-9) while it unpacks a 512 MiB layer leaves no
 //! partial snapshot and no staging directory behind, the retried CRI pull
 //! completes with every file of every layer right, and removing the image
-//! frees every snapshot, blob and byte again.
+//! frees every snapshot, blob and byte again. And (ignored: a known bug)
+//! containerd's GC while a layer streams keeps the image on the fast path.
 
 mod common;
 
@@ -17,6 +18,8 @@ use common::{Registry, Scratch, oci};
 
 /// The big file of `damselfly/large:v1`'s first layer (test-images/generate.py).
 const DATA_FILE: &str = "damselfly/large/data.bin";
+/// Its size.
+const DATA_SIZE: u64 = (512 << 20) + 4093;
 /// How long the CRI pull may take to reach the unpack, and the retry to
 /// succeed once dfdaemon is back (containerd reconnects with a backoff).
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -51,15 +54,15 @@ async fn killed_mid_unpack_leaves_nothing_half_made_and_gc_frees_it_all() {
         let (socket, reference) = (node.containerd.socket.clone(), reference.clone());
         async move { cri_pull(&socket, &reference).await }
     });
-    let (caught, written) = mid_unpack(&node, files[DATA_FILE].0).await;
+    assert_eq!(files[DATA_FILE].0, DATA_SIZE);
+    let (caught, written) = mid_unpack(&node, DATA_SIZE).await;
     node.dfdaemon.kill9();
     let first = tokio::time::timeout(PATIENCE, first_pull)
         .await
         .expect("the first pull ends once dfdaemon is gone")
         .unwrap();
     eprintln!(
-        "killed with {written} bytes of {} in {}; first pull: {first:?}",
-        files[DATA_FILE].0,
+        "killed with {written} bytes of {DATA_SIZE} in {}; first pull: {first:?}",
         caught.display()
     );
     node.dfdaemon.restart();
@@ -137,6 +140,40 @@ async fn killed_mid_unpack_leaves_nothing_half_made_and_gc_frees_it_all() {
         freed <= empty_usage + (1 << 20),
         "snapshots dir back to {empty_usage} bytes, not {freed}"
     );
+}
+
+/// containerd's content GC aborts every ingest it did not open, and the
+/// fast path's (`damselfly/fastpath/layer-…`) is dfdaemon's own: a GC while
+/// a layer streams (here: an unrelated image removed, as kubelet's image GC
+/// does) must not knock the image off the fast path.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "known bug: containerd's GC aborts the fast path's ingest, the layer is declined (reason store) and containerd fetches it again"]
+async fn gc_while_a_layer_streams_keeps_it_on_the_fast_path() {
+    let scratch = Scratch::new();
+    let registry = Registry::start(&scratch);
+    let catalog = registry.push("large");
+    let image = catalog.image("damselfly/large:v1");
+    let node = FastPathNode::start(&scratch, &registry);
+    let other = oci::Image::new(vec![oci::Layer::gzip(
+        oci::Tar::new().file("other.txt", b"other\n").finish(),
+    )]);
+    let other = other.push(&registry.host, "other/image", "v1").await;
+    node.cri_pull(&other).await.expect("pull the other image");
+    let reference = format!("{}/{}", registry.host, image.reference);
+
+    let pull = tokio::spawn({
+        let (socket, reference) = (node.containerd.socket.clone(), reference.clone());
+        async move { cri_pull(&socket, &reference).await }
+    });
+    mid_unpack(&node, DATA_SIZE).await;
+    for listed in node.k8s(&["image", "ls", "-q"]).lines() {
+        if !listed.contains("damselfly/large") {
+            node.k8s(&["image", "rm", "--sync", listed]);
+        }
+    }
+    pull.await.unwrap().expect("the pull completes");
+    let declined = node.declined("store").await + node.declined("lower_layer").await;
+    assert_eq!(declined, 0.0, "log:\n{}", node.dfdaemon.log_text());
 }
 
 /// Waits until the fast path has written a good part, not all, of the file
