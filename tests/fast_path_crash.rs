@@ -2,8 +2,8 @@
 //! it made: dfdaemon killed (-9) while it unpacks a 512 MiB layer leaves no
 //! partial snapshot and no staging directory behind, the retried CRI pull
 //! completes with every file of every layer right, and removing the image
-//! frees every snapshot, blob and byte again. And (ignored: a known bug)
-//! containerd's GC while a layer streams keeps the image on the fast path.
+//! frees every snapshot, blob and byte again. And containerd's GC while a
+//! layer streams keeps the image on the fast path.
 
 mod common;
 
@@ -147,7 +147,6 @@ async fn killed_mid_unpack_leaves_nothing_half_made_and_gc_frees_it_all() {
 /// a layer streams (here: an unrelated image removed, as kubelet's image GC
 /// does) must not knock the image off the fast path.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "known bug: containerd's GC aborts the fast path's ingest, the layer is declined (reason store) and containerd fetches it again"]
 async fn gc_while_a_layer_streams_keeps_it_on_the_fast_path() {
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);

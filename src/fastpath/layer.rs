@@ -26,6 +26,9 @@ use crate::unpack::{Applied, Compression, UnpackError, apply_layer};
 const CHANNEL_CHUNKS: usize = 64;
 /// Size of the chunks read back from the store.
 const READ_CHUNK: usize = 1 << 20;
+/// Prefix of the refs of the fast path's own ingests, which containerd has
+/// no record of.
+pub const INGEST_PREFIX: &str = "damselfly/fastpath/layer-";
 
 /// Why a layer could not be taken on the fast path.
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +162,7 @@ impl Fetch {
             digest: digest.clone(),
             source,
         };
-        let reference = format!("damselfly/fastpath/layer-{digest}");
+        let reference = format!("{INGEST_PREFIX}{digest}");
         let mut ingest = match block_in_place(|| {
             self.store
                 .writer(&reference, layer.size as i64, Some(digest.clone()))

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::content_api::content_server::Content;
 use super::{ResponseStream, batched, label_update, parse_filter, timestamp, validate_labels};
+use crate::fastpath::layer::INGEST_PREFIX;
 use crate::mesh::Mesh;
 use crate::mesh::session::BlobSession;
 use crate::store::{BlobInfo, Digest, Ingest, IngestStatus, Store, StoreError};
@@ -160,8 +161,15 @@ impl Content for ContentService {
         request: Request<ListStatusesRequest>,
     ) -> Result<Response<ListStatusesResponse>, Status> {
         let filter = parse_filter(&request.get_ref().filters)?;
+        // containerd's GC aborts every ingest it has no record of: the fast
+        // path's own are left out while they are written, and listed (so
+        // collected) once their writer is gone.
         let statuses = block_in_place(|| self.store.statuses())?
             .into_iter()
+            .filter(|status| {
+                !(status.reference.starts_with(INGEST_PREFIX)
+                    && self.store.is_writing(&status.reference))
+            })
             .filter(|status| {
                 filter.matches(|path| match path {
                     [field] if field == "ref" => Some(status.reference.as_str()),

@@ -353,6 +353,11 @@ impl Store {
         Ingest::open(lock, total, expected)
     }
 
+    /// Whether a writer has the ingest for `reference` open.
+    pub fn is_writing(&self, reference: &str) -> bool {
+        self.locked.lock().expect("lock table").contains(reference)
+    }
+
     /// Takes the writer lock on `reference`, waiting up to [`LOCK_GRACE`].
     fn lock_ref(self: &Arc<Self>, reference: &str) -> Result<RefLock, StoreError> {
         let locked = self.locked.lock().expect("lock table");
@@ -672,6 +677,15 @@ mod tests {
             store.update_labels(&missing, LabelUpdate::ReplaceAll(HashMap::new())),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_ref_is_writing_while_its_writer_is_open() {
+        let (_dir, store) = store();
+        let ingest = store.writer("r", 0, None).unwrap();
+        assert!(store.is_writing("r") && !store.is_writing("other"));
+        drop(ingest);
+        assert!(!store.is_writing("r"), "closed, then no longer");
     }
 
     #[test]
