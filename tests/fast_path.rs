@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::netns::TestNet;
-use common::snapshotter_node::{MULTI_V1_FILES, SnapshotterNode};
+use common::snapshotter_node::{CRI_NAMESPACE, MULTI_V1_FILES, SNAPSHOTTER, SnapshotterNode};
 use common::{Dfdaemon, Registry, Scratch, sha256_bytes, wait_for};
 
 /// dfdaemon's log lines about the fast path and its ingests.
@@ -70,7 +70,9 @@ async fn cri_pull_is_unpacked_by_dfdaemon_and_runs() {
 
     node.assert_image_complete(&reference, 6);
     for layer in &layers {
-        let blob = node.k8s(&["content", "get", &layer.digest]);
+        let blob = node
+            .containerd
+            .ctr_in_ok(CRI_NAMESPACE, &["content", "get", &layer.digest]);
         assert_eq!(sha256_bytes(&blob), layer.digest, "content get");
     }
     node.assert_container_reads(&reference, &MULTI_V1_FILES);
@@ -127,7 +129,7 @@ async fn a_cancelled_pull_stops_its_layers_and_a_retry_resumes_them() {
         "the job stopped midway ({sent} of {image_bytes} bytes sent)"
     );
     assert!(
-        String::from_utf8_lossy(&node.k8s(&["snapshots", "--snapshotter", "damselfly", "ls"]))
+        node.k8s(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])
             .lines()
             .count()
             <= 1,

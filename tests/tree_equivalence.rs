@@ -8,15 +8,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use common::snapshotter_node::SnapshotterNode;
-use common::tree::{self, Entry};
+use common::tree::{self, Entry, View};
 use common::{CatalogImage, Containerd, Registry, Scratch};
 
 /// How many differences a failure shows per listing.
@@ -55,7 +52,14 @@ async fn dfdaemon_unpacks_the_tree_containerd_unpacks() {
     for (catalog, name) in &images {
         for (index, chain) in chain_ids(catalog.image(name)).iter().enumerate() {
             let [stock_view, our_view] = sides.map(|(containerd, snapshotter)| {
-                View::list(containerd, snapshotter, chain, &scratch, unpack_started)
+                View::list(
+                    containerd,
+                    "k8s.io",
+                    snapshotter,
+                    chain,
+                    &scratch,
+                    unpack_started,
+                )
             });
             if *name == "damselfly/tricky:v1" {
                 assert_lists_what_is_compared(index, &stock_view);
@@ -135,130 +139,4 @@ fn chain_ids(image: &CatalogImage) -> Vec<String> {
         chains.push(chain);
     }
     chains
-}
-
-/// One committed chain as a snapshotter shows it: its top layer's own
-/// directory, and the whole chain mounted (read-only) as a container sees it.
-struct View {
-    upper: Vec<Entry>,
-    merged: Vec<Entry>,
-}
-
-/// A mount that is undone on drop.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = umount2(&self.0, MntFlags::MNT_DETACH);
-    }
-}
-
-/// A mount as `ctr snapshots view --mounts` prints it (Go field names).
-#[derive(Deserialize)]
-struct CtrMount {
-    #[serde(rename = "Type")]
-    kind: String,
-    #[serde(rename = "Source")]
-    source: PathBuf,
-    #[serde(rename = "Options")]
-    options: Vec<String>,
-}
-
-impl View {
-    /// Makes a view snapshot of `chain` in `snapshotter` and lists it. The
-    /// view lives under ctr's own lease, which containerd collects when ctr
-    /// exits; its mounts name only committed layer dirs, which stay.
-    fn list(
-        containerd: &Containerd,
-        snapshotter: &str,
-        chain: &str,
-        scratch: &Scratch,
-        fresh_since: SystemTime,
-    ) -> Self {
-        let key = format!("tree-view-{}", &chain[7..19]);
-        let json = containerd.ctr_in_ok(
-            "k8s.io",
-            &[
-                "snapshots",
-                "--snapshotter",
-                snapshotter,
-                "view",
-                "--mounts",
-                &key,
-                chain,
-            ],
-        );
-        let mounts: Vec<CtrMount> = serde_json::from_slice(&json).expect("parse view mounts");
-        let [view] = &mounts[..] else {
-            panic!(
-                "one mount for a view, got {}",
-                String::from_utf8_lossy(&json)
-            );
-        };
-        let upper = top_layer_dir(view);
-        let target = scratch.join(&format!("{snapshotter}-{key}"));
-        std::fs::create_dir_all(&target).unwrap();
-        let _mounted = mount_read_only(view, &target);
-        Self {
-            upper: tree::list(&upper, fresh_since),
-            merged: tree::list(&target, fresh_since),
-        }
-    }
-}
-
-/// The directory holding a view's top layer: a bind mount's source, or an
-/// overlay's first lowerdir.
-fn top_layer_dir(view: &CtrMount) -> PathBuf {
-    match view.kind.as_str() {
-        "bind" => view.source.clone(),
-        "overlay" => view
-            .options
-            .iter()
-            .find_map(|o| o.strip_prefix("lowerdir="))
-            .and_then(|lowers| lowers.split(':').next())
-            .map(PathBuf::from)
-            .expect("an overlay view names its lowerdirs"),
-        other => panic!("unexpected view mount type {other}"),
-    }
-}
-
-fn mount_read_only(view: &CtrMount, target: &Path) -> Mounted {
-    let data: Vec<&str> = view
-        .options
-        .iter()
-        .map(String::as_str)
-        .filter(|o| !matches!(*o, "ro" | "rw" | "bind" | "rbind"))
-        .collect();
-    let bind = view.kind == "bind";
-    let flags = if bind {
-        MsFlags::MS_BIND | MsFlags::MS_REC
-    } else {
-        MsFlags::MS_RDONLY
-    };
-    mount(
-        Some(&view.source),
-        target,
-        Some(view.kind.as_str()),
-        flags,
-        (!bind).then(|| data.join(",")).as_deref(),
-    )
-    .unwrap_or_else(|e| {
-        panic!(
-            "mount {} on {}: {e}",
-            view.source.display(),
-            target.display()
-        )
-    });
-    let mounted = Mounted(target.to_path_buf());
-    if bind {
-        mount(
-            None::<&str>,
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .unwrap_or_else(|e| panic!("remount {} read-only: {e}", target.display()));
-    }
-    mounted
 }

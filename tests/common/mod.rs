@@ -7,6 +7,7 @@
 
 pub mod mesh;
 pub mod netns;
+pub mod oci;
 pub mod secure_registry;
 pub mod snapshotter_node;
 pub mod tree;
@@ -793,32 +794,13 @@ state = "{state}"
         self.ctr_ok(&["image", "pull", "--plain-http", &reference]);
     }
 
-    /// A kubelet-style pull of `reference`: CRI `ImageService/PullImage`,
-    /// with a login if given (as kubelet sends an imagePullSecret).
+    /// A kubelet-style pull of `reference` (see [`try_cri_pull`]).
     pub async fn try_cri_pull(
         &self,
         reference: &str,
         login: Option<(&str, &str)>,
     ) -> Result<(), tonic::Status> {
-        let channel = containerd_client::connect(&self.socket)
-            .await
-            .expect("connect to containerd");
-        let auth = login.map(|(username, password)| AuthConfig {
-            username: username.to_owned(),
-            password: password.to_owned(),
-            ..Default::default()
-        });
-        ImageServiceClient::new(channel)
-            .pull_image(PullImageRequest {
-                image: Some(ImageSpec {
-                    image: reference.to_owned(),
-                    ..Default::default()
-                }),
-                auth,
-                ..Default::default()
-            })
-            .await
-            .map(drop)
+        try_cri_pull(&self.socket, reference, login).await
     }
 
     /// Like [`Containerd::try_cri_pull`] without a login, panicking (with
@@ -934,6 +916,35 @@ impl Node {
             containerd,
         }
     }
+}
+
+/// A kubelet-style pull of `reference` from the containerd at `socket`:
+/// CRI `ImageService/PullImage`, with a login if given (as kubelet sends an
+/// imagePullSecret).
+pub async fn try_cri_pull(
+    socket: &Path,
+    reference: &str,
+    login: Option<(&str, &str)>,
+) -> Result<(), tonic::Status> {
+    let channel = containerd_client::connect(socket)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connect to containerd: {e}")))?;
+    let auth = login.map(|(username, password)| AuthConfig {
+        username: username.to_owned(),
+        password: password.to_owned(),
+        ..Default::default()
+    });
+    ImageServiceClient::new(channel)
+        .pull_image(PullImageRequest {
+            image: Some(ImageSpec {
+                image: reference.to_owned(),
+                ..Default::default()
+            }),
+            auth,
+            ..Default::default()
+        })
+        .await
+        .map(drop)
 }
 
 /// dfdaemon's arguments to serve `snapshot_socket` with the fast path on,

@@ -1,9 +1,28 @@
 //! A node whose dfdaemon is containerd's snapshotter as well as its content
 //! store, with the fast path on, and the kubelet-side of a test against it:
-//! a CRI pull, dfdaemon's metrics, `ctr` in CRI's namespace, and a container
-//! run from the pulled image.
+//! a CRI pull, dfdaemon's metrics, `ctr` in CRI's namespace, dfdaemon's own
+//! snapshot list and staging dirs, a snapshot's tree, and a container run
+//! from the pulled image.
 
+use std::fs;
+use std::path::PathBuf;
+use std::time::UNIX_EPOCH;
+
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{Info, Kind, ListSnapshotsRequest};
+
+use super::tree::{Entry, View};
 use super::{Containerd, Dfdaemon, Scratch, Upstream, free_port, scrape, snapshotter_args};
+
+/// The namespace CRI pulls into.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// What containerd calls dfdaemon's snapshotter.
+pub const SNAPSHOTTER: &str = "damselfly";
+
+/// Whether a backend snapshot is committed.
+pub fn is_committed(info: &Info) -> bool {
+    info.kind == Kind::Committed as i32
+}
 
 /// The files of `damselfly/multi:v1`'s non-empty layers, with their sizes
 /// (test-images/generate.py).
@@ -22,6 +41,7 @@ pub struct SnapshotterNode {
     pub dfdaemon: Dfdaemon,
     /// dfdaemon's metrics address, `127.0.0.1:<port>`.
     pub metrics: String,
+    pub snapshot_socket: PathBuf,
 }
 
 impl SnapshotterNode {
@@ -51,6 +71,7 @@ impl SnapshotterNode {
             containerd,
             dfdaemon,
             metrics,
+            snapshot_socket,
         }
     }
 
@@ -73,15 +94,81 @@ impl SnapshotterNode {
         scrape(&self.metrics).await
     }
 
-    /// Runs `ctr` in CRI's namespace `k8s.io`; its stdout, panicking on failure.
-    pub fn k8s(&self, args: &[&str]) -> Vec<u8> {
-        self.containerd.ctr_in_ok("k8s.io", args)
+    /// Runs `ctr` in CRI's namespace; its stdout as text, panicking on failure.
+    pub fn k8s(&self, args: &[&str]) -> String {
+        String::from_utf8_lossy(&self.containerd.ctr_in_ok(CRI_NAMESPACE, args)).into_owned()
+    }
+
+    /// The value of one series (`name{labels}` as exposed), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |value| value.trim().parse().expect("a metric value"))
+    }
+
+    /// Prepares that went containerd's way for reason `reason` so far.
+    pub async fn declined(&self, reason: &str) -> f64 {
+        self.metric(&format!(
+            "damselfly_dfdaemon_fast_path_declined_total{{reason=\"{reason}\"}}"
+        ))
+        .await
+    }
+
+    /// dfdaemon's own snapshots (backend names), asked on its snapshot socket.
+    pub async fn backend_snapshots(&self) -> Vec<Info> {
+        let channel = containerd_client::connect(&self.snapshot_socket)
+            .await
+            .expect("connect to dfdaemon's snapshot socket");
+        let mut stream = SnapshotsClient::new(channel)
+            .list(ListSnapshotsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                filters: Vec::new(),
+            })
+            .await
+            .expect("list dfdaemon's snapshots")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(page) = stream.message().await.expect("list page") {
+            out.extend(page.info);
+        }
+        out
+    }
+
+    /// The staging dirs (`new-…`) in dfdaemon's snapshots dir: being made,
+    /// or left by a crash.
+    pub fn staging_dirs(&self) -> Vec<String> {
+        fs::read_dir(self.dfdaemon.data_dir.join("snapshots"))
+            .expect("list the snapshots dir")
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("new-"))
+            .collect()
+    }
+
+    /// The tree of committed snapshot `name` (containerd's name, in
+    /// `namespace`, of `snapshotter`) as a container sees it, times left out.
+    pub fn snapshot_tree(
+        &self,
+        scratch: &Scratch,
+        namespace: &str,
+        snapshotter: &str,
+        name: &str,
+    ) -> Vec<Entry> {
+        View::list(
+            &self.containerd,
+            namespace,
+            snapshotter,
+            name,
+            scratch,
+            UNIX_EPOCH,
+        )
+        .merged
     }
 
     /// Checks that `ctr image check` finds every one of the `blobs` of
     /// image `reference`.
     pub fn assert_image_complete(&self, reference: &str, blobs: usize) {
-        let check = String::from_utf8_lossy(&self.k8s(&["image", "check"])).into_owned();
+        let check = self.k8s(&["image", "check"]);
         let line = check
             .lines()
             .find(|l| l.starts_with(reference))
@@ -110,7 +197,7 @@ impl SnapshotterNode {
             "-c",
         ];
         run.extend(files.iter().map(|(path, _)| *path));
-        let counted = String::from_utf8_lossy(&self.k8s(&run)).into_owned();
+        let counted = self.k8s(&run);
         for (path, size) in files {
             assert!(
                 counted

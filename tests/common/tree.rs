@@ -3,15 +3,20 @@
 //! hash, link target, device number, every xattr (trusted.* and security.*
 //! too) and mtime to the nanosecond, plus which entries share an inode. Two
 //! listings are compared with [`diff`], which names the first differences.
+//! A [`View`] lists a committed snapshot as containerd's snapshotter shows it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::sha256_file;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use serde::Deserialize;
+
+use super::{Containerd, Scratch, sha256_file};
 
 /// One entry of a tree; `path` is relative to the root, which is `/`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,4 +219,139 @@ pub fn diff(a: &[Entry], b: &[Entry], max: usize) -> Option<String> {
         text.push(format!("  … and {} more", total - max));
     }
     Some(text.join("\n"))
+}
+
+/// The entry at `path` (`/`-rooted) of a listing.
+pub fn find<'a>(list: &'a [Entry], path: &str) -> Option<&'a Entry> {
+    list.iter().find(|e| e.path == path)
+}
+
+/// One committed chain as a snapshotter shows it: its top layer's own
+/// directory, and the whole chain mounted (read-only) as a container sees it.
+pub struct View {
+    pub upper: Vec<Entry>,
+    pub merged: Vec<Entry>,
+}
+
+/// A mount that is undone on drop.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = umount2(&self.0, MntFlags::MNT_DETACH);
+    }
+}
+
+/// A mount as `ctr snapshots view --mounts` prints it (Go field names).
+#[derive(Deserialize)]
+struct CtrMount {
+    #[serde(rename = "Type")]
+    kind: String,
+    #[serde(rename = "Source")]
+    source: PathBuf,
+    #[serde(rename = "Options")]
+    options: Vec<String>,
+}
+
+impl View {
+    /// Makes a view snapshot of committed snapshot `name` (a chain ID, for
+    /// what containerd unpacked) in `namespace` and `snapshotter`, and lists
+    /// it (see [`list`] for `fresh_since`). The view lives under ctr's own
+    /// lease, which containerd collects when ctr exits; its mounts name only
+    /// committed layer dirs, which stay.
+    pub fn list(
+        containerd: &Containerd,
+        namespace: &str,
+        snapshotter: &str,
+        name: &str,
+        scratch: &Scratch,
+        fresh_since: SystemTime,
+    ) -> Self {
+        static VIEWS: AtomicU32 = AtomicU32::new(0);
+        let key = format!("tree-view-{}", VIEWS.fetch_add(1, Ordering::Relaxed));
+        let json = containerd.ctr_in_ok(
+            namespace,
+            &[
+                "snapshots",
+                "--snapshotter",
+                snapshotter,
+                "view",
+                "--mounts",
+                &key,
+                name,
+            ],
+        );
+        let mounts: Vec<CtrMount> = serde_json::from_slice(&json).expect("parse view mounts");
+        let [view] = &mounts[..] else {
+            panic!(
+                "one mount for a view, got {}",
+                String::from_utf8_lossy(&json)
+            );
+        };
+        let upper = top_layer_dir(view);
+        let target = scratch.join(&format!("{snapshotter}-{key}"));
+        fs::create_dir_all(&target).unwrap();
+        let _mounted = mount_read_only(view, &target);
+        Self {
+            upper: list(&upper, fresh_since),
+            merged: list(&target, fresh_since),
+        }
+    }
+}
+
+/// The directory holding a view's top layer: a bind mount's source, or an
+/// overlay's first lowerdir.
+fn top_layer_dir(view: &CtrMount) -> PathBuf {
+    match view.kind.as_str() {
+        "bind" => view.source.clone(),
+        "overlay" => view
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("lowerdir="))
+            .and_then(|lowers| lowers.split(':').next())
+            .map(PathBuf::from)
+            .expect("an overlay view names its lowerdirs"),
+        other => panic!("unexpected view mount type {other}"),
+    }
+}
+
+fn mount_read_only(view: &CtrMount, target: &Path) -> Mounted {
+    let data: Vec<&str> = view
+        .options
+        .iter()
+        .map(String::as_str)
+        .filter(|o| !matches!(*o, "ro" | "rw" | "bind" | "rbind"))
+        .collect();
+    let bind = view.kind == "bind";
+    let flags = if bind {
+        MsFlags::MS_BIND | MsFlags::MS_REC
+    } else {
+        MsFlags::MS_RDONLY
+    };
+    mount(
+        Some(&view.source),
+        target,
+        Some(view.kind.as_str()),
+        flags,
+        (!bind).then(|| data.join(",")).as_deref(),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "mount {} on {}: {e}",
+            view.source.display(),
+            target.display()
+        )
+    });
+    let mounted = Mounted(target.to_path_buf());
+    if bind {
+        mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("remount {} read-only: {e}", target.display()));
+    }
+    mounted
 }
