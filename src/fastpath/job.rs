@@ -88,10 +88,6 @@ impl Job {
             .collect()
     }
 
-    pub fn chains(&self) -> Vec<Digest> {
-        self.layers.iter().map(|l| l.chain_id.clone()).collect()
-    }
-
     /// Unpacks every layer at once and commits them in order. The first
     /// failure fails that layer and every layer above it (their parent
     /// will be containerd's own snapshot, not ours).

@@ -115,18 +115,27 @@ impl FastPath {
     /// `parent` and its blob recorded in containerd, starting the image's
     /// job if none runs. Answers only what the snapshotter holds now: a
     /// job's Ready is rechecked, since containerd's GC may have removed
-    /// that snapshot since (an image removed and pulled again).
+    /// that snapshot since (an image removed and pulled again), and then a
+    /// new job unpacks the layer again, once.
     async fn layer(&self, namespace: &str, target: &Digest, parent: &str) -> Result<(), Declined> {
         if self.committed(target, parent)? {
             return self.record_existing(namespace, target).await;
         }
         let mut state = self.state_or_start(namespace, target, parent).await?;
+        let mut restarted = false;
         loop {
-            match state.borrow_and_update().clone() {
+            let current = state.borrow_and_update().clone();
+            match current {
                 LayerState::Pending => {}
                 LayerState::Ready if self.committed(target, parent)? => return Ok(()),
+                LayerState::Ready if !restarted => {
+                    self.forget(namespace, target, &state);
+                    state = self.state_or_start(namespace, target, parent).await?;
+                    restarted = true;
+                    continue;
+                }
                 LayerState::Ready => {
-                    self.forget(namespace, target);
+                    self.forget(namespace, target, &state);
                     return Err(Declined::new(
                         None,
                         "removed",
@@ -153,12 +162,10 @@ impl FastPath {
             .map_err(|e| Declined::new(None, "snapshotter", e.to_string()))
     }
 
-    /// Drops a stale layer state, so that the next Prepare starts afresh.
-    fn forget(&self, namespace: &str, target: &Digest) {
-        self.layers
-            .lock()
-            .expect("layers")
-            .remove(&(namespace.to_owned(), target.clone()));
+    /// Drops the layer state `stale` of `target`, unless a newer job's
+    /// state has replaced it, so that the next Prepare starts afresh.
+    fn forget(&self, namespace: &str, target: &Digest, stale: &watch::Receiver<LayerState>) {
+        forget_states(&self.layers, namespace, [(target.clone(), stale)]);
     }
 
     /// A snapshot for `target` exists already (unpacked for another
@@ -218,14 +225,15 @@ impl FastPath {
             }
             layers[&key].clone()
         };
-        let (layers, chains, namespace) = (self.layers.clone(), job.chains(), namespace.to_owned());
+        let (layers, states, namespace) = (self.layers.clone(), job.states(), namespace.to_owned());
         tokio::spawn(async move {
             job.run().await;
             tokio::time::sleep(STATES_KEPT).await;
-            let mut layers = layers.lock().expect("layers");
-            for chain in chains {
-                layers.remove(&(namespace.clone(), chain));
-            }
+            forget_states(
+                &layers,
+                &namespace,
+                states.iter().map(|(chain, state)| (chain.clone(), state)),
+            );
         });
         Ok(state)
     }
@@ -247,6 +255,26 @@ impl FastPath {
                 tracing::debug!(%manifest, error = %e, "no distribution source from containerd");
                 None
             }
+        }
+    }
+}
+
+/// Removes each of `states` from `layers` where it is still the state kept
+/// for its chain ID: a job started later for the same layers (the image was
+/// removed and pulled again) keeps its own.
+fn forget_states<'a>(
+    layers: &LayerStates,
+    namespace: &str,
+    states: impl IntoIterator<Item = (Digest, &'a watch::Receiver<LayerState>)>,
+) {
+    let mut layers = layers.lock().expect("layers");
+    for (chain, state) in states {
+        let key = (namespace.to_owned(), chain);
+        if layers
+            .get(&key)
+            .is_some_and(|kept| kept.same_channel(state))
+        {
+            layers.remove(&key);
         }
     }
 }
