@@ -220,7 +220,7 @@ pull() {
     out=$("$dfget" pull "${refs[index]}" --containerd "${!sock_var}" --metrics "http://$metrics/metrics" 2>&1) ||
         { echo "$out" >&2; die "dfget pull ${refs[index]} on $name failed"; }
     printf '%s\n' "--- round $round $name ${refs[index]}" "$out" >>"$tmp/dfget.log"
-    seconds=$(sed -n 's/^pulled .* in \([0-9.]*\) s$/\1/p' <<<"$out")
+    seconds=$(sed -n 's/^pulled .* in \([0-9.]*\) s (image ID .*)$/\1/p' <<<"$out")
     [[ -n $seconds ]] || { echo "$out" >&2; die "no time in dfget's output"; }
     echo "$seconds" >>"$tmp/results-$name-$index"
     if [[ $name == B ]]; then
