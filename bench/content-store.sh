@@ -76,7 +76,7 @@ pids=() # everything we started, stopped in reverse order
 
 
 cleanup() {
-    local rc=$? i m
+    local rc=$? i
     trap - EXIT INT TERM
     set +e
     for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
@@ -86,15 +86,7 @@ cleanup() {
         if [[ -n $keep_logs ]]; then
             mkdir -p "$keep_logs" && cp "$tmp"/*.log "$keep_logs"/ 2>/dev/null
         fi
-        # Overlay (and any other) mounts containerd left under its root,
-        # deepest first.
-        for ((i = 0; i < 3; i++)); do
-            mapfile -t mounts < <(awk -v p="$tmp/" 'index($2, p) == 1 { print $2 }' /proc/self/mounts | sort -r)
-            [[ ${#mounts[@]} -eq 0 ]] && break
-            for m in "${mounts[@]}"; do
-                umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
-            done
-        done
+        unmount_under "$tmp"
         rm -rf "$tmp"
     fi
     exit "$rc"
@@ -114,68 +106,16 @@ chmod 755 "$tmp"
 mkdir -p "$tmp/reg" "$tmp/a" "$tmp/b" "$tmp/df"
 log "work dir $tmp"
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# wait_for WHAT PID COMMAND...: polls COMMAND for up to 30 s while PID lives.
-wait_for() {
-    local what=$1 pid=$2 i
-    shift 2
-    for ((i = 0; i < 300; i++)); do
-        "$@" >/dev/null 2>&1 && return 0
-        kill -0 "$pid" 2>/dev/null || die "$what exited during startup (see its log below)"
-        sleep 0.1
-    done
-    die "$what did not come up in 30 s"
-}
-
-# Registry.
-port=$(free_port)
-registry=127.0.0.1:$port
-cat >"$tmp/reg/config.yml" <<EOF
-version: 0.1
-log:
-  level: warn
-storage:
-  filesystem:
-    rootdirectory: $tmp/reg/data
-http:
-  addr: $registry
-EOF
-docker-registry serve "$tmp/reg/config.yml" >"$tmp/registry.log" 2>&1 &
-pids+=($!)
-wait_for registry $! curl -fsS "http://$registry/v2/"
-log "registry on $registry"
-
-log "pushing set '$set_name' (generated once, cached in /tmp/damselfly-test-images/$set_name)"
-push_out=$("$repo/test-images/push.sh" "$registry" "$set_name" 2>"$tmp/push.log") ||
-    { cat "$tmp/push.log" >&2; die "push.sh failed"; }
-catalog=$(sed -n 's/^catalog: //p' <<<"$push_out")
-[[ -f $catalog ]] || die "push.sh printed no catalog"
+start_registry "$tmp/reg" "$tmp/registry.log"
+catalog=$(push_set "$set_name" "$tmp/push.log")
 
 # The blobs a single-platform pull of $image fetches, and its layers.
-# Lines: KIND DIGEST SIZE
-mapfile -t blobs < <(python3 - "$catalog" "$image" <<'EOF'
-import json, platform, sys
-arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-images = [i for i in json.load(open(sys.argv[1])) if i["ref"] == sys.argv[2]]
-if not images:
-    sys.exit(f"{sys.argv[2]} is not in {sys.argv[1]}")
-seen = set()
-for b in images[0]["blobs"]:
-    p = b.get("platform")
-    if p is not None and p.split("/")[:2] != ["linux", arch]:
-        continue
-    if b["digest"] not in seen:
-        seen.add(b["digest"])
-        print(b["kind"], b["digest"], b["size"])
-EOF
-)
+# Lines: KIND DIGEST SIZE MEDIATYPE
+mapfile -t blobs < <(image_blobs "$catalog" "$image")
 [[ ${#blobs[@]} -gt 0 ]] || die "no blobs for $image in $catalog"
 all_digests=() layer_digests=() pull_bytes=0 read_bytes=0
 for line in "${blobs[@]}"; do
-    read -r kind digest size <<<"$line"
+    read -r kind digest size _ <<<"$line"
     all_digests+=("$digest")
     pull_bytes=$((pull_bytes + size))
     if [[ $kind == layer ]]; then
@@ -309,15 +249,9 @@ for ((r = 1; r <= rounds; r++)); do
     done
 done
 
-hwm_mib() { # VmHWM of PID in MiB
-    awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"
-}
 rss_dfdaemon=$(hwm_mib "$dfdaemon_pid")
 rss_ctd_A=$(hwm_mib "$ctd_pid_A")
 rss_ctd_B=$(hwm_mib "$ctd_pid_B")
-cpu_s() { # user + system CPU seconds of PID so far
-    awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / hz }' "/proc/$1/stat"
-}
 cpu_dfdaemon=$(cpu_s "$dfdaemon_pid")
 cpu_ctd_A=$(cpu_s "$ctd_pid_A")
 cpu_ctd_B=$(cpu_s "$ctd_pid_B")

@@ -19,10 +19,11 @@ stop_pid() {
     wait "$pid" 2>/dev/null || true
 }
 
-# write_containerd_config DIR EXTRA: DIR/config.toml for a private containerd
-# with everything under DIR; EXTRA is top-level TOML (a proxy plugin, say).
+# write_containerd_config DIR EXTRA [CRI]: DIR/config.toml for a private
+# containerd with everything under DIR; EXTRA is top-level TOML (a proxy
+# plugin, say), CRI is TOML inside CRI's table (its sub-tables).
 write_containerd_config() {
-    local dir=$1 extra=$2
+    local dir=$1 extra=$2 cri=${3:-}
     mkdir -p "$dir"
     cat >"$dir/config.toml" <<TOML
 version = 2
@@ -45,7 +46,101 @@ $extra
 [plugins]
   [plugins."io.containerd.grpc.v1.cri"]
     stream_server_port = "0"
+$cri
   [plugins."io.containerd.internal.v1.opt"]
     path = "$dir/opt"
 TOML
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# wait_for WHAT PID COMMAND...: polls COMMAND for up to 30 s while PID lives.
+wait_for() {
+    local what=$1 pid=$2 i
+    shift 2
+    for ((i = 0; i < 300; i++)); do
+        "$@" >/dev/null 2>&1 && return 0
+        kill -0 "$pid" 2>/dev/null || die "$what exited during startup (see its log below)"
+        sleep 0.1
+    done
+    die "$what did not come up in 30 s"
+}
+
+# unmount_under DIR: the overlay (and any other) mounts left under DIR,
+# deepest first.
+unmount_under() {
+    local dir=$1 i m mounts
+    for ((i = 0; i < 3; i++)); do
+        mapfile -t mounts < <(awk -v p="$dir/" 'index($2, p) == 1 { print $2 }' /proc/self/mounts | sort -r)
+        [[ ${#mounts[@]} -eq 0 ]] && break
+        for m in "${mounts[@]}"; do
+            umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
+        done
+    done
+}
+
+hwm_mib() { # VmHWM of PID in MiB
+    awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"
+}
+
+cpu_s() { # user + system CPU seconds of PID so far
+    awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / hz }' "/proc/$1/stat"
+}
+
+# start_registry DIR LOG: a docker-registry on a free loopback port with its
+# data in DIR, logging to LOG; sets `registry` (HOST:PORT) and adds its pid to
+# `pids`.
+start_registry() {
+    local dir=$1 log=$2 port
+    port=$(free_port)
+    registry=127.0.0.1:$port
+    mkdir -p "$dir"
+    cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+http:
+  addr: $registry
+EOF
+    docker-registry serve "$dir/config.yml" >"$log" 2>&1 &
+    pids+=($!)
+    wait_for registry $! curl -fsS "http://$registry/v2/"
+    log "registry on $registry"
+}
+
+# push_set SET LOG: pushes test-image set SET to $registry (generated once,
+# cached in /tmp/damselfly-test-images/SET); prints its catalog's path.
+push_set() {
+    local set=$1 log=$2 out catalog
+    log "pushing set '$set' (generated once, cached in /tmp/damselfly-test-images/$set)"
+    out=$("$repo/test-images/push.sh" "$registry" "$set" 2>"$log") ||
+        { cat "$log" >&2; die "push.sh failed"; }
+    catalog=$(sed -n 's/^catalog: //p' <<<"$out")
+    [[ -f $catalog ]] || die "push.sh printed no catalog"
+    echo "$catalog"
+}
+
+# image_blobs CATALOG IMAGE: the blobs a single-platform pull of IMAGE
+# fetches, one line each: KIND DIGEST SIZE MEDIATYPE.
+image_blobs() {
+    python3 - "$1" "$2" <<'EOF'
+import json, platform, sys
+arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+images = [i for i in json.load(open(sys.argv[1])) if i["ref"] == sys.argv[2]]
+if not images:
+    sys.exit(f"{sys.argv[2]} is not in {sys.argv[1]}")
+seen = set()
+for b in images[0]["blobs"]:
+    p = b.get("platform")
+    if p is not None and p.split("/")[:2] != ["linux", arch]:
+        continue
+    if b["digest"] not in seen:
+        seen.add(b["digest"])
+        print(b["kind"], b["digest"], b["size"], b["mediaType"])
+EOF
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# damselfly demo: containerd keeps its image blobs in dfdaemon's store.
+# damselfly demo: containerd keeps its image blobs in dfdaemon's store, and
+# dfdaemon unpacks kubelet's pulls itself.
 #
 #   sudo scripts/demo.sh [--keep] [--no-build]   run the demo
 #   sudo scripts/demo.sh --stop DIR              stop a demo left running by --keep
@@ -9,19 +10,24 @@
 #   --no-build  use target/release/dfdaemon as it is, even if older than the sources
 #
 # On a Debian 12 machine, as root, this:
-#   1. installs what is missing (containerd, docker-registry, skopeo, protoc, zstd)
-#      and builds dfdaemon if target/release/dfdaemon is missing or stale;
+#   1. installs what is missing (containerd, docker-registry, skopeo, protoc,
+#      zstd, busybox-static) and builds dfdaemon and dfget if they are missing
+#      or stale, logging both to /tmp/damselfly-demo-setup.log;
 #   2. in a fresh /tmp/dfdemo.XXXXXX: starts a private registry and pushes the
 #      `small` test images into it (test-images/push.sh), starts dfdaemon, and
-#      starts a private containerd whose content store is dfdaemon (a
-#      [proxy_plugins] entry of type "content", built-in store disabled);
+#      starts a private containerd whose content store and CRI snapshotter are
+#      dfdaemon ([proxy_plugins] entries of types "content" and "snapshot",
+#      built-in store disabled);
 #   3. pulls two images with ctr and shows where their blobs went, reads one
 #      back through containerd, removes one image and shows containerd's
 #      garbage collector deleting its unshared blobs from dfdaemon's store;
-#   4. prints dfdaemon's log and removes everything it made (processes,
+#   4. pulls an image as kubelet does (`dfget pull`, CRI PullImage): dfdaemon
+#      fetches and unpacks every layer itself (the snapshotter's fast path),
+#      and a container started from it with runc reads a file of every layer;
+#   5. prints dfdaemon's log and removes everything it made (processes,
 #      overlay mounts, the temp dir), on success, failure or Ctrl-C,
 #      unless --keep;
-#   5. shows the mesh: bench/mesh-rollout.sh with 4 nodes (each a network
+#   6. shows the mesh: bench/mesh-rollout.sh with 4 nodes (each a network
 #      namespace with its own containerd and dfdaemon; registry and
 #      supernode in their own) pulling a 256 MiB image at the same moment,
 #      and reports where every piece came from and what the registry sent.
@@ -32,6 +38,9 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 self=$repo/scripts/$(basename "${BASH_SOURCE[0]}")
 bin=$repo/target/release/dfdaemon
+dfget=$repo/target/release/dfget
+# apt-get's and cargo's output; kept after the demo.
+setup_log=/tmp/damselfly-demo-setup.log
 ns=demo
 
 # ---------------------------------------------------------------- output helpers
@@ -134,19 +143,21 @@ done
 
 step "Checking prerequisites"
 apt_updated=false
+: >"$setup_log"
 apt_install() {
     export DEBIAN_FRONTEND=noninteractive
-    $apt_updated || apt-get update
+    say "apt-get install $* (output in $setup_log)"
+    { $apt_updated || apt-get update; } >>"$setup_log" 2>&1 || die "apt-get update failed; see $setup_log"
     apt_updated=true
-    apt-get install -y "$@"
+    apt-get install -y "$@" >>"$setup_log" 2>&1 || die "apt-get install failed; see $setup_log"
 }
 missing=()
-for cmd in containerd ctr docker-registry skopeo protoc zstd python3 ip tc curl; do
+for cmd in containerd ctr docker-registry skopeo protoc zstd python3 ip tc curl busybox; do
     command -v "$cmd" >/dev/null || missing+=("$cmd")
 done
 if [[ ${#missing[@]} -gt 0 ]]; then
-    say "missing: ${missing[*]}; installing with apt-get"
-    pkgs=(containerd docker-registry skopeo protobuf-compiler zstd iproute2 curl)
+    say "missing: ${missing[*]}"
+    pkgs=(containerd docker-registry skopeo protobuf-compiler zstd iproute2 curl busybox-static)
     command -v python3 >/dev/null || pkgs+=(python3) # test-images/ needs it
     apt_install "${pkgs[@]}"
     # Debian starts the system containerd on installation; the demo runs its
@@ -160,7 +171,7 @@ unset CONTAINERD_SNAPSHOTTER CONTAINERD_ADDRESS CONTAINERD_NAMESPACE
 
 # dfdaemon is rebuilt when it is missing or older than any source file.
 needs_build() {
-    [[ -x $bin ]] || return 0
+    [[ -x $bin && -x $dfget ]] || return 0
     local srcs=() p
     for p in src proto build.rs Cargo.toml Cargo.lock; do
         [[ -e $repo/$p ]] && srcs+=("$repo/$p")
@@ -181,11 +192,13 @@ if $build && needs_build; then
     if ! command -v cc >/dev/null; then
         apt_install build-essential # the C compiler cargo links with
     fi
-    step "Building dfdaemon (cargo build --release --locked, as $builder)"
-    (cd "$repo" && runuser -u "$builder" -- env PATH="$path" HOME="$home" cargo build --release --locked)
+    step "Building dfdaemon and dfget (cargo build --release --locked, as $builder)"
+    say "output in $setup_log; this takes a few minutes the first time"
+    (cd "$repo" && runuser -u "$builder" -- env PATH="$path" HOME="$home" cargo build --release --locked) \
+        >>"$setup_log" 2>&1 || die "cargo build failed; see $setup_log"
 fi
-[[ -x $bin ]] || die "$bin is missing (run without --no-build to build it)"
-say "dfdaemon: $bin"
+[[ -x $bin && -x $dfget ]] || die "$bin or $dfget is missing (run without --no-build to build them)"
+say "dfdaemon: $bin" "dfget:    $dfget"
 
 # ---------------------------------------------------------------- the demo dir and its cleanup
 
@@ -278,13 +291,24 @@ catalog=$dir/images/catalog.json
 step "Starting dfdaemon"
 data=$dir/dfdaemon
 df_sock=$dir/dfdaemon.sock
-start dfdaemon env NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$bin" --data-dir "$data" --content-socket "$df_sock"
-wait_for dfdaemon "$dfdaemon_pid" test -S "$df_sock"
-say "dfdaemon (pid $dfdaemon_pid): data dir $data, socket $df_sock"
-
-step "Starting a private containerd whose content store is dfdaemon"
+snap_sock=$dir/snapshot.sock
 ctd=$dir/containerd
 ctd_sock=$dir/containerd.sock
+# containerd's registry hosts (CRI's config_path): plain HTTP to ours. dfdaemon
+# reads the same directory when it fetches layers itself.
+certs=$ctd/certs.d
+mkdir -p "$certs/$registry"
+printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' \
+    "$registry" "$registry" >"$certs/$registry/hosts.toml"
+metrics=127.0.0.1:$(free_port)
+start dfdaemon env NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$bin" --data-dir "$data" \
+    --content-socket "$df_sock" --snapshot-socket "$snap_sock" --containerd-socket "$ctd_sock" \
+    --hosts-dir "$certs" --metrics-listen "$metrics"
+wait_for dfdaemon "$dfdaemon_pid" test -S "$snap_sock"
+say "dfdaemon (pid $dfdaemon_pid): data dir $data" \
+    "  content store socket $df_sock, snapshotter socket $snap_sock, metrics http://$metrics/metrics"
+
+step "Starting a private containerd whose content store and CRI snapshotter are dfdaemon"
 cat >"$dir/containerd.toml" <<EOF
 version = 2
 root = "$ctd/root"
@@ -302,15 +326,23 @@ disabled_plugins = ["io.containerd.content.v1.content"]
 [metrics]
   address = ""
 
-# dfdaemon is containerd's content store. (Not named "content": that name
-# belongs to the built-in store.)
+# dfdaemon is containerd's content store (not named "content": that name
+# belongs to the built-in store) and a snapshotter named "damselfly".
 [proxy_plugins]
-  [proxy_plugins.damselfly]
+  [proxy_plugins.damselfly-content]
     type = "content"
     address = "$df_sock"
+  [proxy_plugins.damselfly]
+    type = "snapshot"
+    address = "$snap_sock"
 
 [plugins."io.containerd.grpc.v1.cri"]
   stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$certs"
+  # kubelet's pulls (CRI) unpack into dfdaemon's snapshotter.
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "damselfly"
   # Kept in the demo dir: containerd creates these if they are missing.
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "$ctd/cni/bin"
@@ -324,7 +356,10 @@ say "containerd (pid $containerd_pid): socket $ctd_sock, root $ctd/root"
 c() { ctr -a "$ctd_sock" -n "$ns" "$@"; }
 plugin=$(c plugins ls | awk '$1 == "io.containerd.content.v1"')
 say "its content plugins:" "  $plugin"
-[[ $(awk '{print $2, $NF}' <<<"$plugin") == "damselfly ok" ]] || die "containerd did not load dfdaemon as its content store"
+[[ $(awk '{print $2, $NF}' <<<"$plugin") == "damselfly-content ok" ]] || die "containerd did not load dfdaemon as its content store"
+plugin=$(c plugins ls | awk '$1 == "io.containerd.snapshotter.v1" && $2 == "damselfly"')
+say "and its snapshotter:" "  $plugin"
+[[ $(awk '{print $NF}' <<<"$plugin") == ok ]] || die "containerd did not load dfdaemon as a snapshotter"
 
 # ---------------------------------------------------------------- 3. pulls
 
@@ -416,6 +451,44 @@ say "--sync waited for containerd's garbage collector: it listed its content sto
     "blobs are gone from dfdaemon's data dir; the layer it shares with shared:v1 stayed:"
 store_report --expect shared:v1 | listing
 
+# ---------------------------------------------------------------- 4. a kubelet-style pull
+
+k8s() { ctr -a "$ctd_sock" -n k8s.io "$@"; }
+fast_image=damselfly/multi:v1
+fast_layers=5
+step "dfget pull $registry/$fast_image   (CRI PullImage, as kubelet pulls)"
+say "containerd's CRI unpacker asks its snapshotter, dfdaemon, to Prepare each layer" \
+    "under the layer's chain ID. dfdaemon finds the image in its store, fetches every" \
+    "layer at once (a blob it already has from its store, the others from the registry" \
+    "or, in a mesh, from peers), unpacks them itself and answers that each snapshot" \
+    "already exists, so containerd neither fetches nor applies them:" ""
+"$dfget" pull "$registry/$fast_image" --containerd "$ctd_sock" --metrics "http://$metrics/metrics" \
+    >"$dir/dfget.out" 2>&1 || { indent <"$dir/dfget.out"; die "dfget pull failed"; }
+indent <"$dir/dfget.out"
+grep -q "dfdaemon fetched and unpacked $fast_layers layers itself" "$dir/dfget.out" &&
+    ! grep -q "containerd's own way" "$dir/dfget.out" ||
+    die "dfdaemon did not unpack all $fast_layers layers itself"
+say "" "dfdaemon's log has a line per layer: where its bytes came from, and the time" \
+    "from its first byte fetched to its last byte unpacked (all layers run at once):"
+"$py" - "$dir/dfdaemon.log" <<'EOF' | listing
+import re, sys
+for line in open(sys.argv[1]):
+    if "fast path: layer fetched and unpacked" in line:
+        f = dict(re.findall(r'(\w+)="?([^" ]+)"?', line.split("fast path: layer fetched and unpacked", 1)[1]))
+        print(f"{f['digest'][:19]}…  from {f['source']:<8}  {int(f['tar_bytes']) / 1048576:5.2f} MiB of files in {float(f['seconds']):.2f} s")
+EOF
+say "" "The image's snapshots, as containerd lists them (ctr -n k8s.io snapshots --snapshotter damselfly ls):"
+k8s snapshots --snapshotter damselfly ls | listing
+
+step "ctr -n k8s.io run --snapshotter damselfly $registry/$fast_image … wc -c (a file of every layer)"
+busybox=$(command -v busybox)
+k8s run --rm --snapshotter damselfly --mount "type=bind,src=$busybox,dst=/bin/busybox,options=rbind:ro" \
+    "$registry/$fast_image" damselfly-demo /bin/busybox wc -c /damselfly/multi/tiny.txt \
+    /damselfly/multi/gzip/notes.txt /damselfly/multi/zstd/notes.txt /damselfly/multi/tar/notes.txt |
+    listing
+say "runc started the container on the overlay of dfdaemon's snapshots (busybox bind-mounted" \
+    "from the host, as the image has no shell)."
+
 # ---------------------------------------------------------------- 4. the end
 
 if $keep; then
@@ -424,12 +497,13 @@ if $keep; then
     step "Left running (--keep), all in $dir"
     cat <<EOF
     registry    $registry, pid $registry_pid, log $dir/registry.log
-    dfdaemon    pid $dfdaemon_pid, socket $df_sock, data dir $data, log $dir/dfdaemon.log
+    dfdaemon    pid $dfdaemon_pid, sockets $df_sock and $snap_sock, data dir $data, log $dir/dfdaemon.log
     containerd  pid $containerd_pid, socket $ctd_sock, root $ctd/root, log $dir/containerd.log
 
     Try:
       ctr -a $ctd_sock -n $ns image ls
       ctr -a $ctd_sock -n $ns image pull --plain-http $registry/damselfly/multi:v1
+      $dfget pull $registry/damselfly/shared:v1 --containerd $ctd_sock --metrics http://$metrics/metrics
       ctr -a $ctd_sock -n $ns image pull --plain-http --all-platforms $registry/damselfly/multiarch:v1
       ctr -a $ctd_sock -n $ns content ls
       ls -l $data/blobs/sha256

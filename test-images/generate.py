@@ -20,7 +20,10 @@ import os
 import subprocess
 import sys
 import tarfile
+from array import array
 from dataclasses import dataclass
+from functools import cache
+from itertools import accumulate
 
 MiB = 1 << 20
 CHUNK = MiB
@@ -266,6 +269,138 @@ def tricky_set() -> list[Image]:
         Entry("esc/escaped", size=19),
     ))
     return [Image("damselfly/tricky", "v1", (Platform("amd64", (base, links, replace, top)),))]
+# ------------------------------------------------------------ compressible ---
+# Realistic, gzip-compressible file contents for the `compressible` set:
+# source-like text, JSON records and ELF-like symbol tables (about 3.9:1,
+# 3.5:1 and 2.9:1 with gzip -6), all from SHAKE-256.
+
+
+@dataclass(frozen=True)
+class StyledFile(File):
+    """A regular file whose contents follow `style`, a key of STYLES."""
+
+    style: str = "source"
+
+
+def weighted_table(weighted: list[tuple[bytes, int]]) -> tuple[bytes, ...]:
+    """256 entries, each token repeated by its weight: a random byte picks one."""
+    table = tuple(token for token, weight in weighted for _ in range(weight))
+    assert len(table) == 256, f"weights add up to {len(table)}, not 256"
+    return table
+
+
+SOURCE_TOKENS = weighted_table([
+    (b"; ", 12), (b" {", 6), (b"}", 6), (b", ", 12), (b"(", 9), (b")", 9), (b"let ", 6), (b"let mut ", 4),
+    (b" = ", 12), (b"fn ", 3), (b"if ", 4), (b" else ", 2), (b"return ", 3), (b"match ", 2), (b"for ", 2),
+    (b" in ", 2), (b"self.", 8), (b"Some(", 3), (b"None", 2), (b"Ok(", 3), (b"Err(", 2), (b".unwrap()", 2),
+    (b"?", 4), (b".len()", 2), (b"::new(", 3), (b"&mut ", 2), (b"// ", 3), (b"layer", 5), (b"digest", 5),
+    (b"offset", 5), (b"size", 5), (b"buffer", 4), (b"reader", 4), (b"entry", 5), (b"path", 5),
+    (b"snapshot", 4), (b"parent", 4), (b"index", 4), (b"count", 4), (b"context", 3), (b"error", 4),
+    (b"result", 3), (b"state", 3), (b"chunk", 3), (b"bytes", 3), (b"header", 3), (b"target", 3),
+    (b"source", 3), (b"length", 3), (b"name", 3), (b"mode", 2), (b"0", 3), (b"1", 3), (b"4096", 2),
+    (b"512", 2), (b" as u64", 2), (b": usize", 2), (b": &str", 2), (b"String", 2), (b"Vec<u8>", 2),
+    (b"Result<", 2), (b">", 2), (b" + ", 3), (b" - ", 2), (b" == ", 2), (b"_", 5), (b'"', 2),
+])
+
+
+@cache
+def source_lines() -> tuple[bytes, ...]:
+    """65536 source-like lines, indented 0-3 levels, 8 tokens each."""
+    r = hashlib.shake_256(b"damselfly/source-lines").digest(65536 * 9)
+    return tuple(
+        b"    " * (r[i] & 3) + b"".join(map(SOURCE_TOKENS.__getitem__, r[i + 1:i + 9])).strip() + b"\n"
+        for i in range(0, len(r), 9)
+    )
+
+
+def source_text(key: str, length: int) -> bytes:
+    """Lines of source_lines() picked at random."""
+    lines, out, part = source_lines(), b"", 0
+    while len(out) < length:
+        picks = array("H", hashlib.shake_256(f"{key}/{part}".encode()).digest(2 * (length // 32 + 32)))
+        if sys.byteorder != "little":
+            picks.byteswap()
+        out += b"".join(map(lines.__getitem__, picks))
+        part += 1
+    return out[:length]
+
+
+JSON_NAMES = tuple(b"%s-%s" % (a, b)
+                   for a in b"alpha bravo coral delta ember fjord grove harbor iris juniper kestrel lumen maple nimbus opal pine".split()
+                   for b in b"api db cache worker proxy batch edge auth queue store index feed mail search log sync".split())
+JSON_KINDS = b"layer config manifest index blob snapshot lease ingest".split()
+JSON_STATES = b"ready pending failed unpacked".split()
+JSON_RECORD = (b'{"id":%d,"name":"%s","kind":"%s","state":"%s","size":%d,"digest":"sha256:%s",'
+               b'"labels":{"zone":"z%d","tier":%d}}\n')
+
+
+def json_records(key: str, length: int) -> bytes:
+    """One JSON record a line, each with a random digest, name, size and labels."""
+    records, have, n, part = [], 0, 0, 0
+    while have < length:
+        r = hashlib.shake_256(f"{key}/{part}".encode()).digest(36 * 1024)
+        for i in range(0, len(r), 36):
+            record = JSON_RECORD % (
+                n, JSON_NAMES[r[i + 32]], JSON_KINDS[r[i + 33] & 7], JSON_STATES[r[i + 33] >> 6],
+                int.from_bytes(r[i + 28:i + 32], "little") >> (r[i + 34] & 31), r[i:i + 32].hex().encode(),
+                r[i + 35] & 7, r[i + 35] >> 6)
+            records.append(record)
+            have += len(record)
+            n += 1
+            if have >= length:
+                break
+        part += 1
+    return b"".join(records)[:length]
+
+
+SYMBOL = 24  # bytes of an Elf64_Sym
+
+
+def symbol_table(key: str, length: int) -> bytes:
+    """Elf64_Sym-like entries: rising name offsets and addresses, small sizes."""
+    n = length // SYMBOL + 1
+    r = hashlib.shake_256(key.encode()).digest(4 * n)
+    name = array("I", accumulate((b & 31) + 8 for b in r[:n]))
+    value = array("Q", accumulate(((b & 0x3F) + 1) * 16 for b in r[n:2 * n]))
+    value = array("Q", (0x401000 + v for v in value))
+    size = array("Q", (b * 8 for b in r[2 * n:3 * n]))
+    if sys.byteorder != "little":
+        for column in (name, value, size):
+            column.byteswap()
+    table = bytearray(SYMBOL * n)
+    memoryview(table).cast("I")[0::6] = name
+    table[4::SYMBOL] = r[3 * n:].translate(bytes((0x12, 0x11, 0x22, 0x02) * 64))
+    table[6::SYMBOL] = r[3 * n:].translate(bytes(b & 15 for b in range(256)))
+    memoryview(table).cast("Q")[1::3] = value
+    memoryview(table).cast("Q")[2::3] = size
+    return bytes(table[:length])
+
+
+STYLES = {"source": source_text, "json": json_records, "symbols": symbol_table}
+
+
+def styled_files(layer: str, style: str, count: int, smallest: int, doublings: int, ext: str) -> tuple[File, ...]:
+    """`count` files of `style` under damselfly/compressible/<layer>/, 64 a
+    directory, sized between `smallest` and `smallest << doublings` bytes
+    (each doubling about as likely)."""
+    r = hashlib.shake_256(f"{layer}/sizes".encode()).digest(5 * count)
+    files = []
+    for i in range(count):
+        base = smallest << (r[5 * i] % doublings)
+        size = base + int.from_bytes(r[5 * i + 1:5 * i + 5], "little") % base
+        files.append(StyledFile(f"damselfly/compressible/{layer}/d{i // 64:02}/f{i:04}.{ext}", size, style=style))
+    return tuple(files)
+
+
+def compressible_set() -> list[Image]:
+    """~350 MiB in ~3,900 files of text, JSON and binary tables: gzip -6 ~3:1."""
+    layers = (
+        Layer("compressible-etc", "gzip", styled_files("etc", "json", 600, 256, 6, "json")),
+        Layer("compressible-src", "gzip", styled_files("src", "source", 2600, 512, 9, "rs")),
+        Layer("compressible-data", "gzip", styled_files("data", "json", 550, 4096, 8, "json")),
+        Layer("compressible-bin", "gzip", styled_files("bin", "symbols", 180, 16384, 8, "so")),
+    )
+    return [Image("damselfly/compressible", "v1", (Platform("amd64", layers),))]
 
 
 SETS = {
@@ -274,6 +409,7 @@ SETS = {
     "bench": lambda: [bench_image("bench", [400, 300, 200, 124])],
     "bench256": lambda: [bench_image("bench256", [128, 96, 32])],
     "tricky": tricky_set,
+    "compressible": compressible_set,
 }
 
 
@@ -282,6 +418,9 @@ def file_chunks(seed: str, file: File):
     for index, offset in enumerate(range(0, file.size, CHUNK)):
         key = f"{seed}/{file.path}/{index}"
         length = min(CHUNK, file.size - offset)
+        if isinstance(file, StyledFile):
+            yield STYLES[file.style](key, length)
+            continue
         yield text_block(key, length) if file.text else hashlib.shake_256(key.encode()).digest(length)
 
 

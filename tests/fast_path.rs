@@ -3,7 +3,8 @@
 //! unpacked by dfdaemon itself, the image is complete in containerd, and a
 //! container started from it with runc reads a file from every layer. A
 //! pull cancelled midway stops dfdaemon's work on it, leaves nothing
-//! half-made, and a retry resumes where the blobs stopped.
+//! half-made, and a retry resumes where the blobs stopped. An image removed
+//! and pulled again at once is unpacked by dfdaemon again.
 
 mod common;
 
@@ -152,4 +153,59 @@ async fn a_cancelled_pull_stops_its_layers_and_a_retry_resumes_them() {
         fast_path_lines(&node.dfdaemon)
     );
     node.assert_image_complete(&reference, 4);
+}
+
+/// Removed (images, leases, GC) and pulled again within the minute that
+/// dfdaemon keeps a job's layer states: the stale Ready of the first job
+/// does not send the layers containerd's way; a new job unpacks them.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_removed_and_pulled_again_is_unpacked_again() {
+    let scratch = Scratch::new();
+    let registry = Registry::start(&scratch);
+    let catalog = registry.push("small");
+    let image = catalog.image("damselfly/multi:v1");
+    let layers = image
+        .amd64_blobs()
+        .iter()
+        .filter(|b| b.kind == "layer")
+        .count();
+    let node = SnapshotterNode::start(&scratch, registry.upstream(), Vec::new(), Vec::new());
+    let reference = format!("{}/{}", registry.host, image.reference);
+    let unpacked = || async {
+        node.metric("damselfly_dfdaemon_unpacked_layers_total{source=\"registry\"}")
+            .await
+            + node
+                .metric("damselfly_dfdaemon_unpacked_layers_total{source=\"store\"}")
+                .await
+    };
+    let snapshots = || node.k8s(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"]);
+
+    node.cri_pull(&reference, None).await;
+    assert_eq!(unpacked().await, layers as f64);
+    for noun in ["leases", "images"] {
+        for listed in node.k8s(&[noun, "ls", "-q"]).lines() {
+            node.k8s(&[noun, "rm", "--sync", listed]);
+        }
+    }
+    assert_eq!(
+        snapshots().lines().count(),
+        1,
+        "no snapshot left:\n{}",
+        snapshots()
+    );
+
+    node.cri_pull(&reference, None).await;
+    assert_eq!(
+        unpacked().await,
+        2.0 * layers as f64,
+        "dfdaemon unpacked every layer again; log:\n{}",
+        fast_path_lines(&node.dfdaemon)
+    );
+    assert_eq!(node.declined("removed").await, 0.0);
+    assert_eq!(
+        snapshots().lines().count(),
+        1 + layers,
+        "every layer is a snapshot again:\n{}",
+        snapshots()
+    );
 }

@@ -22,9 +22,12 @@ pub struct PullOptions {
 
 /// What a pull did.
 pub struct PullReport {
+    pub image: String,
     pub image_ref: String,
     pub elapsed: Duration,
     pub layers_by_source: Vec<(String, f64)>,
+    /// Uncompressed tar bytes dfdaemon unpacked.
+    pub tar_bytes: f64,
     pub declined_by_reason: Vec<(String, f64)>,
     pub bytes_by_source: Vec<(String, f64)>,
 }
@@ -61,33 +64,59 @@ pub async fn pull(options: &PullOptions) -> anyhow::Result<PullReport> {
     let image_ref = pulled?.into_inner().image_ref;
     let after = Counters::fetch(&options.metrics_url).await?;
     Ok(PullReport {
+        image: options.image.clone(),
         image_ref,
         elapsed,
         layers_by_source: after.growth(&before, "damselfly_dfdaemon_unpacked_layers_total"),
+        tar_bytes: after
+            .growth(&before, "damselfly_dfdaemon_unpacked_tar_bytes_total")
+            .iter()
+            .map(|(_, bytes)| bytes)
+            .sum(),
         declined_by_reason: after.growth(&before, "damselfly_dfdaemon_fast_path_declined_total"),
         bytes_by_source: after.growth(&before, "damselfly_dfdaemon_received_bytes_total"),
     })
 }
 
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// Where bytes came from, in words: dfdaemon's metrics label them `store`,
+/// `peers` (`peer`), `registry` and `supernode`.
+fn source_words(source: &str) -> &str {
+    match source {
+        "store" => "dfdaemon's store (already there)",
+        "peers" | "peer" => "peers in the mesh",
+        "registry" => "the registry",
+        "supernode" => "the supernode's repo",
+        other => other,
+    }
+}
+
 impl std::fmt::Display for PullReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seconds = self.elapsed.as_secs_f64();
         writeln!(
             f,
-            "pulled {} in {:.2} s",
-            self.image_ref,
-            self.elapsed.as_secs_f64()
+            "pulled {} in {seconds:.2} s (image ID {})",
+            self.image, self.image_ref
         )?;
         let unpacked: f64 = self.layers_by_source.iter().map(|(_, n)| n).sum();
         if unpacked > 0.0 {
             let sources: Vec<String> = self
                 .layers_by_source
                 .iter()
-                .map(|(source, n)| format!("{n} from {source}"))
+                .map(|(source, n)| format!("{n} from {}", source_words(source)))
                 .collect();
             writeln!(
                 f,
                 "  dfdaemon fetched and unpacked {unpacked} layers itself: {}",
                 sources.join(", ")
+            )?;
+            writeln!(
+                f,
+                "  it wrote {:.1} MiB of files from their tars, {:.0} MB/s over the pull",
+                self.tar_bytes / MIB,
+                self.tar_bytes / 1e6 / seconds.max(1e-9)
             )?;
         } else {
             writeln!(
@@ -96,13 +125,17 @@ impl std::fmt::Display for PullReport {
             )?;
         }
         for (reason, n) in &self.declined_by_reason {
-            writeln!(f, "  {n} layer(s) went containerd's own way: {reason}")?;
+            writeln!(
+                f,
+                "  {n} layer(s) went containerd's own way (fetched and applied by containerd): {reason}"
+            )?;
         }
         for (source, bytes) in &self.bytes_by_source {
             writeln!(
                 f,
-                "  {:.1} MiB of blobs from {source}",
-                bytes / (1u64 << 20) as f64
+                "  {:.1} MiB of blobs came from {}",
+                bytes / MIB,
+                source_words(source)
             )?;
         }
         Ok(())

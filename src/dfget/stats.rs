@@ -10,8 +10,9 @@ use anyhow::Context;
 pub struct Counters(BTreeMap<(String, String), f64>);
 
 /// The metrics dfget reads, and the label that tells their values apart.
-const REPORTED: [(&str, &str); 3] = [
+const REPORTED: [(&str, &str); 4] = [
     ("damselfly_dfdaemon_unpacked_layers_total", "source"),
+    ("damselfly_dfdaemon_unpacked_tar_bytes_total", ""),
     ("damselfly_dfdaemon_fast_path_declined_total", "reason"),
     ("damselfly_dfdaemon_received_bytes_total", "source"),
 ];
