@@ -9,15 +9,15 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::block_in_place;
 
+use super::pipe::{Closed, PipeSender, pipe};
 use crate::mesh::Mesh;
 use crate::mesh::session::BlobSession;
 use crate::registry::{Registries, RegistryError};
@@ -26,11 +26,7 @@ use crate::store::image_index::ImageLayer;
 use crate::store::{Digest, Ingest, OWN_REF_PREFIX, Store, StoreError};
 use crate::unpack::{Applied, Compression, UnpackError, Whiteouts, apply_layer};
 
-/// Chunks buffered between the fetch and the unpacker.
-const CHANNEL_CHUNKS: usize = 64;
-/// Size of the chunks read back from the store: with [`CHANNEL_CHUNKS`] of
-/// them buffered, a layer read back holds at most 4 MiB in memory while its
-/// unpacker lags.
+/// Size of the chunks read back from the store.
 const READ_CHUNK: usize = 64 << 10;
 
 /// Why a layer could not be taken on the fast path.
@@ -127,19 +123,13 @@ impl Fetch {
             }
         })?;
         let whiteouts = Whiteouts::for_layer(&layer.chain_id, &layer.diff_id);
-        let (chunks, receiver) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
+        let (chunks, reader) = pipe();
         // The staging directory goes to the unpacker's thread and comes back
         // with its result. If this future is dropped (the pull was
         // cancelled), the thread sees its stream end, stops, and removes the
         // directory itself: nothing writes there once it is gone.
         let unpacker = tokio::task::spawn_blocking(move || {
-            let applied = apply_layer(
-                ChannelReader::new(receiver),
-                compression,
-                &staging.fs(),
-                &[],
-                whiteouts,
-            );
+            let applied = apply_layer(reader, compression, &staging.fs(), &[], whiteouts);
             (staging, applied)
         });
         let fed = self.feed(layer, &chunks).await;
@@ -172,11 +162,7 @@ impl Fetch {
 
     /// Sends the layer's bytes, in order, to `chunks`: what peers send is
     /// passed on as each piece is verified, the rest as the registry sends it.
-    async fn feed(
-        &self,
-        layer: &ImageLayer,
-        chunks: &mpsc::Sender<Bytes>,
-    ) -> Result<Origin, LayerError> {
+    async fn feed(&self, layer: &ImageLayer, chunks: &PipeSender) -> Result<Origin, LayerError> {
         let digest = &layer.digest;
         let store_error = |source| LayerError::Store {
             digest: digest.clone(),
@@ -233,7 +219,7 @@ impl Fetch {
         layer: &ImageLayer,
         ingest: &mut Ingest,
         mut session: Option<&mut BlobSession>,
-        chunks: &mpsc::Sender<Bytes>,
+        chunks: &PipeSender,
     ) -> Result<(), LayerError> {
         let digest = &layer.digest;
         let Some((host, repository)) = &self.source else {
@@ -277,7 +263,7 @@ async fn send_file(
     file: &File,
     at: &mut u64,
     end: u64,
-    chunks: &mpsc::Sender<Bytes>,
+    chunks: &PipeSender,
     digest: &Digest,
 ) -> Result<(), LayerError> {
     while *at < end {
@@ -299,7 +285,7 @@ async fn follow(
     file: &File,
     mut verified: watch::Receiver<u64>,
     sent: &mut u64,
-    chunks: &mpsc::Sender<Bytes>,
+    chunks: &PipeSender,
     digest: &Digest,
 ) -> LayerError {
     loop {
@@ -313,64 +299,12 @@ async fn follow(
     }
 }
 
-async fn send(
-    chunks: &mpsc::Sender<Bytes>,
-    chunk: Bytes,
-    digest: &Digest,
-) -> Result<(), LayerError> {
-    chunks.send(chunk).await.map_err(|_| LayerError::Stopped {
-        digest: digest.clone(),
-        reason: "it no longer reads".into(),
-    })
-}
-
-/// A blocking reader over the chunks a fetch sends; end of file when the
-/// sender is dropped.
-struct ChannelReader {
-    receiver: mpsc::Receiver<Bytes>,
-    current: Bytes,
-}
-
-impl ChannelReader {
-    fn new(receiver: mpsc::Receiver<Bytes>) -> Self {
-        Self {
-            receiver,
-            current: Bytes::new(),
-        }
-    }
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.receiver.blocking_recv() {
-                Some(chunk) => self.current = chunk,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
-        Ok(n)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn channel_reader_yields_the_chunks_in_order_then_eof() {
-        let (sender, receiver) = mpsc::channel(4);
-        let writer = std::thread::spawn(move || {
-            for chunk in [&b"hello "[..], b"", b"layer"] {
-                sender.blocking_send(Bytes::from_static(chunk)).unwrap();
-            }
-        });
-        let mut text = String::new();
-        ChannelReader::new(receiver)
-            .read_to_string(&mut text)
-            .unwrap();
-        writer.join().unwrap();
-        assert_eq!(text, "hello layer");
-    }
+async fn send(chunks: &PipeSender, chunk: Bytes, digest: &Digest) -> Result<(), LayerError> {
+    chunks
+        .send(chunk)
+        .await
+        .map_err(|Closed| LayerError::Stopped {
+            digest: digest.clone(),
+            reason: "it no longer reads".into(),
+        })
 }

@@ -19,6 +19,7 @@ pub mod containerd;
 mod job;
 pub mod layer;
 pub mod metrics;
+mod pipe;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -107,6 +107,19 @@ impl SnapshotterNode {
             .map_or(0.0, |value| value.trim().parse().expect("a metric value"))
     }
 
+    /// Layers dfdaemon unpacked itself so far, whatever their bytes came from.
+    pub async fn unpacked_layers(&self) -> f64 {
+        let mut total = 0.0;
+        for source in ["registry", "peers", "store"] {
+            total += self
+                .metric(&format!(
+                    "damselfly_dfdaemon_unpacked_layers_total{{source=\"{source}\"}}"
+                ))
+                .await;
+        }
+        total
+    }
+
     /// Prepares that went containerd's way for reason `reason` so far.
     pub async fn declined(&self, reason: &str) -> f64 {
         self.metric(&format!(
