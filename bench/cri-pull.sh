@@ -77,32 +77,14 @@ done
 tmp=
 pids=() # everything we started, stopped in reverse order
 
-cleanup() {
-    local rc=$? i
-    trap - EXIT INT TERM
-    set +e
-    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-        stop_pid "${pids[i]}"
-    done
-    if [[ -n $tmp && -d $tmp ]]; then
-        if [[ -n $keep_logs ]]; then
-            mkdir -p "$keep_logs" && cp "$tmp"/*.log "$keep_logs"/ 2>/dev/null
-        fi
-        unmount_under "$tmp"
-        rm -rf "$tmp"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
+trap cleanup_run EXIT
 trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM
 
 # ------------------------------------------------------------------ setup ---
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-# Identify the binary now: a rebuild during the run replaces the file, not the
-# running process.
-dfdaemon_id="$("$dfdaemon" --version | awk '{print $2}'), $(date -u -r "$dfdaemon" +'built %Y-%m-%dT%H:%MZ'); tree $(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$repo" && git diff --quiet HEAD 2>/dev/null || echo ' + local changes')"
+dfdaemon_id="$(bin_id "$dfdaemon"); $(tree_id "$repo")"
 tmp=$(mktemp -d /tmp/dfcri.XXXXXX)
 chmod 755 "$tmp"
 mkdir -p "$tmp/a" "$tmp/b" "$tmp/df" "$tmp/ref"

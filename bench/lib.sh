@@ -144,3 +144,34 @@ for b in images[0]["blobs"]:
         print(b["kind"], b["digest"], b["size"], b["mediaType"])
 EOF
 }
+
+# "<version>, built <time>" of binary $1. Read it before a run: a rebuild
+# during the run replaces the file, not the running process.
+bin_id() {
+    echo "$("$1" --version | awk '{print $2}'), $(date -u -r "$1" +'built %Y-%m-%dT%H:%MZ')"
+}
+
+# "tree <commit>", plus " + local changes" if the work tree at $1 has any.
+tree_id() {
+    echo "tree $(cd "$1" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$1" && git diff --quiet HEAD 2>/dev/null || echo ' + local changes')"
+}
+
+# EXIT trap of a one-node benchmark: stops every pid in $pids (last started
+# first), copies $tmp's logs to $keep_logs if set, unmounts what is mounted
+# under $tmp and removes it; exits with the script's status.
+cleanup_run() {
+    local rc=$? i
+    trap - EXIT INT TERM
+    set +e
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        stop_pid "${pids[i]}"
+    done
+    if [[ -n $tmp && -d $tmp ]]; then
+        if [[ -n $keep_logs ]]; then
+            mkdir -p "$keep_logs" && cp "$tmp"/*.log "$keep_logs"/ 2>/dev/null
+        fi
+        unmount_under "$tmp"
+        rm -rf "$tmp"
+    fi
+    exit "$rc"
+}

@@ -154,9 +154,6 @@ trap 'log "terminated"; exit 143' TERM
 # ---------------------------------------------------------------- network ---
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-bin_id() {
-    echo "$("$1" --version | awk '{print $2}'), $(date -u -r "$1" +'built %Y-%m-%dT%H:%MZ')"
-}
 tree_id="tree $(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$repo" && git diff --quiet HEAD -- src 2>/dev/null || echo ' + local changes in src/')"
 dfdaemon_id=$(bin_id "$dfdaemon")
 tmp=$(mktemp -d /tmp/dmr.XXXXXX)
