@@ -21,12 +21,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use damselfly::mesh::api::supernode_client::SupernodeClient;
-use damselfly::mesh::api::{
+use damselfly::protocol::api::supernode_client::SupernodeClient;
+use damselfly::protocol::api::{
     AnnounceRequest, Assignment, HeartbeatRequest, HeldBlob, Host, JoinRequest, Outcome, Piece,
     PieceResult, RegisterRequest, ReportRequest, Role, ScheduleRequest,
 };
-use damselfly::mesh::piece::{piece_count, piece_size};
+use damselfly::protocol::piece::{piece_count, piece_size};
 use damselfly::store::Digest;
 use damselfly::supernode::scheduler::{Scheduler, SchedulerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

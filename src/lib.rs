@@ -8,6 +8,7 @@
 //!   configured like containerd's CRI (hosts.toml, config.json credentials);
 //! - [`fastpath`]: containerd's remote-snapshot protocol: layers fetched and
 //!   unpacked by dfdaemon, all at once, while their bytes arrive;
+//! - [`protocol`]: the mesh's wire protocol, shared by both sides;
 //! - [`mesh`]: the piece mesh on a node; [`supernode`]: its coordinator;
 //! - [`dfget`]: the command-line client;
 //! - [`daemon`]: dfdaemon, which ties them together on a node.
@@ -19,6 +20,7 @@ pub mod fastpath;
 pub mod mesh;
 pub mod metrics;
 pub mod plugin;
+pub mod protocol;
 pub mod registry;
 pub mod shutdown;
 pub mod snapshotter;

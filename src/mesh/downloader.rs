@@ -22,10 +22,10 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use super::Mesh;
-use super::api::{Outcome, PieceResult, ReportRequest, Role, ScheduleRequest};
-use super::piece::{piece_count, piece_range};
 use super::supernode_client::SupernodeError;
 use super::tasks::LocalTask;
+use crate::protocol::api::{Outcome, PieceResult, ReportRequest, Role, ScheduleRequest};
+use crate::protocol::piece::{piece_count, piece_range};
 use crate::store::{Digest, Ingest, StoreError};
 
 /// How long to wait for a connection to a peer.

@@ -4,7 +4,6 @@
 
 pub mod downloader;
 pub mod metrics;
-pub mod piece;
 pub mod piece_server;
 pub mod session;
 pub mod supernode_client;
@@ -21,17 +20,12 @@ use tokio::sync::Notify;
 use tokio::task::block_in_place;
 use tokio_util::sync::CancellationToken;
 
+use crate::protocol::api::{self, HeldBlob, Host, JoinRequest, Piece, Role};
+use crate::protocol::piece::piece_count;
 use crate::store::{Digest, PieceRecord, Store};
-use api::{HeldBlob, Host, JoinRequest, Piece, Role};
-use piece::piece_count;
 use piece_server::PieceServer;
 use supernode_client::{Answer, SupernodeError, Supernodes};
 use tasks::{LocalTask, LocalTasks};
-
-/// The mesh gRPC API (proto/mesh.proto), client and server.
-pub mod api {
-    tonic::include_proto!("damselfly.mesh.v1");
-}
 
 /// How long a Join may take before the node just pulls from the registry.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);

@@ -16,8 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use super::piece::{piece_count, piece_range, piece_size};
 use super::tasks::LocalTasks;
+use crate::protocol::piece::{piece_count, piece_range, piece_size};
 use crate::store::{Digest, Store};
 
 /// Longest request head accepted.

@@ -16,10 +16,10 @@ use tokio::task::{JoinHandle, block_in_place};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::Mesh;
-use super::api::Role;
 use super::downloader::{DownloadEnd, download};
-use super::piece::{piece_count, piece_range, piece_size};
 use super::tasks::LocalTask;
+use crate::protocol::api::Role;
+use crate::protocol::piece::{piece_count, piece_range, piece_size};
 use crate::store::{Digest, Ingest, StoreError, digest_in_ref};
 
 /// The mesh side of one Write stream.

@@ -15,10 +15,12 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Response, Status};
+use tonic::{Response, Status};
 
-use super::api::supernode_client::SupernodeClient as ApiClient;
-use super::api::{HeartbeatRequest, HeldBlob, Host, RegisterRequest};
+use crate::protocol::status::Refusal;
+
+use crate::protocol::api::supernode_client::SupernodeClient as ApiClient;
+use crate::protocol::api::{HeartbeatRequest, HeldBlob, Host, RegisterRequest};
 use crate::store::Digest;
 
 /// How long to wait for a TCP connection to a supernode.
@@ -158,7 +160,7 @@ impl Supernodes {
                         value: response.into_inner(),
                     });
                 }
-                Err(status) if status.code() == Code::FailedPrecondition => {
+                Err(status) if Refusal::of(&status) == Refusal::RegisterAgain => {
                     // It forgot us: register and try once more.
                     node.registered.store(false, Ordering::Relaxed);
                     if self.register(node, held()).await.is_ok()
@@ -171,13 +173,13 @@ impl Supernodes {
                     }
                     last = format!("{}: {status}", node.addr);
                 }
-                Err(status) if status.code() == Code::NotFound => {
+                Err(status) if Refusal::of(&status) == Refusal::TaskLost => {
                     // The owner lost the task; the next supernode never had it.
                     return Err(SupernodeError::UnknownTask {
                         addr: node.addr.clone(),
                     });
                 }
-                Err(status) if status.code() == Code::InvalidArgument => {
+                Err(status) if Refusal::of(&status) == Refusal::Invalid => {
                     return Err(SupernodeError::Refused {
                         addr: node.addr.clone(),
                         what,
@@ -281,8 +283,5 @@ impl Supernodes {
 /// Whether a failed call says the supernode could not be reached at all
 /// (as opposed to an answer that refuses the request).
 fn unreachable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
-    )
+    Refusal::of(status) == Refusal::Unreachable
 }

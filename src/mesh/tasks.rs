@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::store::Digest;
 
-use super::piece::piece_count;
+use crate::protocol::piece::piece_count;
 
 /// One blob in flight on this node.
 pub struct LocalTask {

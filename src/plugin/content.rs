@@ -369,7 +369,9 @@ fn blob_field<'a>(info: &'a BlobInfo, path: &[String]) -> Option<&'a str> {
 }
 
 fn parse_digest(digest: &str) -> Result<Digest, Status> {
-    Ok(digest.parse::<Digest>()?)
+    digest
+        .parse::<Digest>()
+        .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 fn parse_optional_digest(digest: &str) -> Result<Option<Digest>, Status> {

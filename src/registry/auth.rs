@@ -17,8 +17,8 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 
 use super::RegistryError;
-use super::client::transport_error;
 use super::names::Repository;
+use super::transport::transport_error;
 
 /// How long a token service may take to answer.
 const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);

@@ -31,6 +31,7 @@ mod auth;
 mod client;
 mod hosts;
 mod names;
+mod transport;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -10,7 +10,6 @@
 //! No path is built from a ref or a digest that was not validated: ingest
 //! directories are named by the hash of the ref, blobs by a parsed [`Digest`].
 
-mod digest;
 pub mod image_index;
 mod ingest;
 mod metadata;
@@ -23,7 +22,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use digest::Digest;
+pub use crate::protocol::Digest;
+use crate::protocol::InvalidDigest;
 use image_index::{ImageLayers, IndexedKind};
 pub use ingest::{Ingest, IngestStatus, digest_in_ref};
 pub use metadata::PieceRecord;
@@ -77,6 +77,12 @@ pub enum StoreError {
     Database(String),
     #[error("corrupt store: {0}")]
     Corrupt(String),
+}
+
+impl From<InvalidDigest> for StoreError {
+    fn from(error: InvalidDigest) -> Self {
+        Self::InvalidArgument(error.to_string())
+    }
 }
 
 impl StoreError {
@@ -303,12 +309,12 @@ impl Store {
             },
             (IndexedKind::Config, Ok(bytes)) => match image_index::parse_config(&bytes) {
                 Some(record) => {
-                    let diff_ids = record
-                        .diff_ids
-                        .iter()
-                        .map(|d| d.parse())
-                        .collect::<Result<Vec<Digest>, _>>();
-                    diff_ids.and_then(|diff_ids| {
+                    let diff_ids = record.diff_ids.iter().map(|d| d.parse()).collect::<Result<
+                        Vec<Digest>,
+                        InvalidDigest,
+                    >>(
+                    );
+                    diff_ids.map_err(StoreError::from).and_then(|diff_ids| {
                         let chains = image_index::chain_ids(&diff_ids);
                         self.meta.index_config(digest.as_str(), &record, &chains)
                     })

@@ -9,7 +9,6 @@ pub mod metrics;
 pub mod repo;
 pub mod scheduler;
 pub mod service;
-mod wire;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -25,8 +24,8 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::mesh::MeshConfig;
-use crate::mesh::api::supernode_server::SupernodeServer;
 use crate::mesh::metrics::MeshCollector;
+use crate::protocol::api::supernode_server::SupernodeServer;
 use crate::shutdown::terminated;
 use metrics::SupernodeMetrics;
 use repo::{Repo, RepoConfig};
@@ -175,8 +174,8 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::api::supernode_client::SupernodeClient;
-    use crate::mesh::api::{HeartbeatRequest, Host, JoinRequest, RegisterRequest, Role};
+    use crate::protocol::api::supernode_client::SupernodeClient;
+    use crate::protocol::api::{HeartbeatRequest, Host, JoinRequest, RegisterRequest, Role};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]

@@ -16,11 +16,11 @@ use anyhow::Context;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::block_in_place;
 
-use crate::mesh::api::Role;
 use crate::mesh::downloader::{DownloadEnd, download};
-use crate::mesh::piece::piece_size;
 use crate::mesh::session::seed_verified_prefix;
 use crate::mesh::{Mesh, MeshConfig};
+use crate::protocol::api::Role;
+use crate::protocol::piece::piece_size;
 use crate::store::{Digest, Store};
 
 /// Blobs copied at the same time.

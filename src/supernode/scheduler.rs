@@ -29,14 +29,15 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::bits::Bits;
-use super::wire::{self, Blob, HostInfo};
-use crate::mesh::api::{
+use crate::protocol::Digest;
+use crate::protocol::api::{
     AnnounceRequest, AnnounceResponse, Assignment, HeartbeatRequest, HeartbeatResponse,
     JoinRequest, JoinResponse, LeaveRequest, LeaveResponse, Outcome, Parent, RegisterRequest,
     RegisterResponse, ReportRequest, ReportResponse, Role, ScheduleRequest, ScheduleResponse,
 };
-use crate::mesh::piece::{piece_count, piece_size};
-use crate::store::Digest;
+use crate::protocol::piece::{piece_count, piece_size};
+use crate::protocol::status::Refusal;
+use crate::protocol::wire::{self, Blob, HostInfo};
 
 /// Heartbeat intervals a host may miss before it is dropped.
 pub const MISSED_HEARTBEATS: u32 = 3;
@@ -91,6 +92,23 @@ pub enum SchedulerError {
     /// Nobody joined this blob (or everyone left it).
     #[error("no task for {0}: join it first")]
     UnknownTask(Digest),
+}
+
+impl From<wire::InvalidMessage> for SchedulerError {
+    fn from(error: wire::InvalidMessage) -> Self {
+        Self::InvalidArgument(error.0)
+    }
+}
+
+impl SchedulerError {
+    /// What the error tells the caller to do, in the protocol's terms.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            Self::InvalidArgument(_) => Refusal::Invalid,
+            Self::UnknownHost(_) => Refusal::RegisterAgain,
+            Self::UnknownTask(_) => Refusal::TaskLost,
+        }
+    }
 }
 
 /// Something an operator should see, in the order it happened.

@@ -9,13 +9,13 @@ use tonic::{Request, Response, Status};
 
 use super::metrics::SupernodeMetrics;
 use super::scheduler::{Event, Scheduler, SchedulerConfig, SchedulerError};
-use crate::mesh::api::supernode_server::Supernode;
-use crate::mesh::api::{
+use crate::protocol::Digest;
+use crate::protocol::api::supernode_server::Supernode;
+use crate::protocol::api::{
     AnnounceRequest, AnnounceResponse, HeartbeatRequest, HeartbeatResponse, JoinRequest,
     JoinResponse, LeaveRequest, LeaveResponse, RegisterRequest, RegisterResponse, ReportRequest,
     ReportResponse, ScheduleRequest, ScheduleResponse,
 };
-use crate::store::Digest;
 
 /// The Supernode gRPC service over one shared [`Scheduler`]. Clones share it.
 #[derive(Clone)]
@@ -164,11 +164,9 @@ impl Supernode for SupernodeService {
 
 /// The gRPC answer for a scheduler result.
 fn answer<T>(result: Result<T, SchedulerError>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(|error| match &error {
-        SchedulerError::InvalidArgument(_) => Status::invalid_argument(error.to_string()),
-        SchedulerError::UnknownHost(_) => Status::failed_precondition(error.to_string()),
-        SchedulerError::UnknownTask(_) => Status::not_found(error.to_string()),
-    })
+    result
+        .map(Response::new)
+        .map_err(|error| error.refusal().status(error.to_string()))
 }
 
 /// One log line per event: how operators follow the mesh.
@@ -213,8 +211,8 @@ fn log(event: &Event) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::api::Host;
-    use tonic::Code;
+    use crate::protocol::api::Host;
+    use crate::protocol::status::Refusal;
 
     fn service() -> SupernodeService {
         SupernodeService::new(
@@ -232,12 +230,13 @@ mod tests {
         })
     }
 
-    fn code<T>(result: Result<T, Status>) -> Code {
-        result.map(|_| ()).unwrap_err().code()
+    /// What the caller makes of a failed answer.
+    fn meaning<T>(result: Result<T, Status>) -> Refusal {
+        Refusal::of(&result.map(|_| ()).unwrap_err())
     }
 
     #[tokio::test]
-    async fn errors_map_to_grpc_codes() {
+    async fn errors_reach_the_caller_with_their_meaning() {
         let service = service();
         let register = RegisterRequest {
             host: Some(Host {
@@ -252,12 +251,12 @@ mod tests {
         let digest = Digest::of(b"x").to_string();
 
         assert_eq!(
-            code(service.join(join("a", "sha256:x")).await),
-            Code::InvalidArgument
+            meaning(service.join(join("a", "sha256:x")).await),
+            Refusal::Invalid
         );
         assert_eq!(
-            code(service.join(join("b", &digest)).await),
-            Code::FailedPrecondition
+            meaning(service.join(join("b", &digest)).await),
+            Refusal::RegisterAgain
         );
         let schedule = ScheduleRequest {
             host_id: "a".into(),
@@ -265,8 +264,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            code(service.schedule(Request::new(schedule)).await),
-            Code::NotFound
+            meaning(service.schedule(Request::new(schedule)).await),
+            Refusal::TaskLost
         );
         service.join(join("a", &digest)).await.unwrap();
     }

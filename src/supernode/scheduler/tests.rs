@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::mesh::api::{self, HeldBlob, PieceResult};
+use crate::protocol::api::{self, HeldBlob, PieceResult};
 
 /// Pieces of the test blob.
 const PIECES: u32 = 64;

@@ -5,8 +5,6 @@ use std::str::FromStr;
 
 use sha2::{Digest as _, Sha256};
 
-use super::StoreError;
-
 /// What every digest string starts with.
 const PREFIX: &str = "sha256:";
 /// Length of a hex-encoded sha256 digest.
@@ -56,12 +54,22 @@ impl Digest {
     }
 }
 
+/// A string that is not a `sha256:<64 lowercase hex>` digest.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid digest {text:?}: {why}")]
+pub struct InvalidDigest {
+    text: String,
+    why: &'static str,
+}
+
 impl FromStr for Digest {
-    type Err = StoreError;
+    type Err = InvalidDigest;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid =
-            |why: &str| StoreError::InvalidArgument(format!("invalid digest {s:?}: {why}"));
+        let invalid = |why| InvalidDigest {
+            text: s.to_owned(),
+            why,
+        };
         let (algorithm, hex) = s.split_once(':').ok_or_else(|| invalid("no algorithm"))?;
         if algorithm != "sha256" {
             return Err(invalid("unsupported algorithm (only sha256)"));

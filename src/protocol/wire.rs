@@ -1,46 +1,50 @@
 //! Validation of the mesh API's messages: every field the scheduler uses
 //! passes through here first and comes out as a checked Rust value.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
-use super::bits::Bits;
-use super::scheduler::SchedulerError;
-use crate::mesh::api;
-use crate::mesh::piece::{piece_count, piece_size};
-use crate::store::Digest;
+use super::Digest;
+use super::api;
+use super::piece::{piece_count, piece_size};
+
+/// A message field that is malformed, out of range, or inconsistent.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidMessage(pub String);
 
 /// Longest host id accepted, in bytes.
-pub(crate) const MAX_HOST_ID_LEN: usize = 128;
+pub const MAX_HOST_ID_LEN: usize = 128;
 
 /// A daemon as it registers.
 #[derive(Debug)]
-pub(crate) struct HostInfo {
-    pub(crate) id: String,
+pub struct HostInfo {
+    pub id: String,
     /// `ip:port` of its piece server.
-    pub(crate) addr: String,
+    pub addr: String,
     /// A supernode's seeding peer.
-    pub(crate) supernode: bool,
+    pub supernode: bool,
 }
 
 /// What a daemon holds of one blob.
 #[derive(Debug)]
-pub(crate) struct Blob {
-    pub(crate) digest: Digest,
-    pub(crate) size: u64,
+pub struct Blob {
+    pub digest: Digest,
+    pub size: u64,
     /// Piece numbers (each below the blob's piece count, no repeats) and the
     /// digests the daemon verified them against.
-    pub(crate) pieces: Vec<(u32, Digest)>,
-    pub(crate) complete: bool,
+    pub pieces: Vec<(u32, Digest)>,
+    pub complete: bool,
     /// The daemon says it is the blob's ingester.
-    pub(crate) ingesting: bool,
+    pub ingesting: bool,
 }
 
-fn invalid(message: String) -> SchedulerError {
-    SchedulerError::InvalidArgument(message)
+fn invalid(message: String) -> InvalidMessage {
+    InvalidMessage(message)
 }
 
 /// A host id: non-empty and at most [`MAX_HOST_ID_LEN`] bytes.
-pub(crate) fn host_id(id: &str) -> Result<&str, SchedulerError> {
+pub fn host_id(id: &str) -> Result<&str, InvalidMessage> {
     if id.is_empty() || id.len() > MAX_HOST_ID_LEN {
         return Err(invalid(format!(
             "host id must be 1 to {MAX_HOST_ID_LEN} bytes, got {}",
@@ -51,7 +55,7 @@ pub(crate) fn host_id(id: &str) -> Result<&str, SchedulerError> {
 }
 
 /// A registering host: valid id, IP address and non-zero port.
-pub(crate) fn host(host: Option<&api::Host>) -> Result<HostInfo, SchedulerError> {
+pub fn host(host: Option<&api::Host>) -> Result<HostInfo, InvalidMessage> {
     let host = host.ok_or_else(|| invalid("register without a host".into()))?;
     let id = host_id(&host.id)?.to_owned();
     let ip: IpAddr = host
@@ -70,18 +74,18 @@ pub(crate) fn host(host: Option<&api::Host>) -> Result<HostInfo, SchedulerError>
 }
 
 /// A `sha256:<64 hex>` digest.
-pub(crate) fn digest(text: &str) -> Result<Digest, SchedulerError> {
+pub fn digest(text: &str) -> Result<Digest, InvalidMessage> {
     text.parse().map_err(|e| invalid(format!("{e}")))
 }
 
 /// A byte count or offset: not negative.
-pub(crate) fn size(value: i64, what: &str) -> Result<u64, SchedulerError> {
+pub fn size(value: i64, what: &str) -> Result<u64, InvalidMessage> {
     u64::try_from(value).map_err(|_| invalid(format!("negative {what}: {value}")))
 }
 
 /// Piece numbers below `count`, repeats dropped, order kept.
-pub(crate) fn piece_numbers(numbers: &[u32], count: u32) -> Result<Vec<u32>, SchedulerError> {
-    let mut seen = Bits::default();
+pub fn piece_numbers(numbers: &[u32], count: u32) -> Result<Vec<u32>, InvalidMessage> {
+    let mut seen = HashSet::new();
     let mut unique = Vec::with_capacity(numbers.len());
     for &number in numbers {
         check_piece(number, count)?;
@@ -93,7 +97,7 @@ pub(crate) fn piece_numbers(numbers: &[u32], count: u32) -> Result<Vec<u32>, Sch
 }
 
 /// Fails unless `number` is a piece of a blob with `count` pieces.
-pub(crate) fn check_piece(number: u32, count: u32) -> Result<(), SchedulerError> {
+pub fn check_piece(number: u32, count: u32) -> Result<(), InvalidMessage> {
     if number >= count {
         return Err(invalid(format!(
             "piece {number} out of range: the blob has {count} pieces"
@@ -104,7 +108,7 @@ pub(crate) fn check_piece(number: u32, count: u32) -> Result<(), SchedulerError>
 
 /// A held blob: valid digests, a size, the piece size every node computes
 /// for it ([`piece_size`]), pieces in range and listed once.
-pub(crate) fn blob(blob: Option<&api::HeldBlob>) -> Result<Blob, SchedulerError> {
+pub fn blob(blob: Option<&api::HeldBlob>) -> Result<Blob, InvalidMessage> {
     let blob = blob.ok_or_else(|| invalid("announce without a blob".into()))?;
     let digest = digest(&blob.digest)?;
     let size = size(blob.size, "blob size")?;
@@ -116,7 +120,7 @@ pub(crate) fn blob(blob: Option<&api::HeldBlob>) -> Result<Blob, SchedulerError>
         )));
     }
     let count = piece_count(size, blob.piece_size);
-    let mut seen = Bits::default();
+    let mut seen = HashSet::new();
     let mut pieces = Vec::with_capacity(blob.pieces.len());
     for piece in &blob.pieces {
         check_piece(piece.number, count).map_err(|e| invalid(format!("{digest}: {e}")))?;
@@ -138,7 +142,7 @@ pub(crate) fn blob(blob: Option<&api::HeldBlob>) -> Result<Blob, SchedulerError>
 }
 
 /// A transfer outcome other than unspecified.
-pub(crate) fn outcome(value: i32) -> Result<api::Outcome, SchedulerError> {
+pub fn outcome(value: i32) -> Result<api::Outcome, InvalidMessage> {
     match api::Outcome::try_from(value) {
         Ok(api::Outcome::Unspecified) | Err(_) => {
             Err(invalid(format!("invalid piece outcome {value}")))
