@@ -12,6 +12,7 @@
 
 mod digest;
 pub mod image_index;
+mod import;
 mod ingest;
 mod metadata;
 
@@ -25,6 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use digest::Digest;
 use image_index::{ImageLayers, IndexedKind};
+pub use import::Imported;
 pub use ingest::{Ingest, IngestStatus, digest_in_ref};
 pub use metadata::PieceRecord;
 use metadata::{BlobMeta, Metadata};
