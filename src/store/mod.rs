@@ -135,6 +135,9 @@ pub struct Store {
     locked: Mutex<HashSet<String>>,
     /// Signalled whenever a ref is unlocked.
     unlocked: Condvar,
+    /// When each blob was last opened for reading (since this open), for
+    /// least-recently-used eviction.
+    read_at: Mutex<HashMap<Digest, SystemTime>>,
 }
 
 impl Store {
@@ -152,6 +155,7 @@ impl Store {
             meta,
             locked: Mutex::new(HashSet::new()),
             unlocked: Condvar::new(),
+            read_at: Mutex::new(HashMap::new()),
         });
         store.recover_ingests()?;
         Ok(store)
@@ -201,11 +205,25 @@ impl Store {
             }
             Err(e) => return Err(StoreError::io(format!("open {}", path.display()), e)),
         };
+        self.read_at
+            .lock()
+            .expect("read times")
+            .insert(digest.clone(), SystemTime::now());
         let size = file
             .metadata()
             .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?
             .len();
         Ok((file, size as i64))
+    }
+
+    /// When blob `digest` was last opened for reading since the store was
+    /// opened, if it was.
+    pub fn last_read(&self, digest: &Digest) -> Option<SystemTime> {
+        self.read_at
+            .lock()
+            .expect("read times")
+            .get(digest)
+            .copied()
     }
 
     /// Changes a blob's labels and returns its new description.
