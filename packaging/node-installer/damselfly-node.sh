@@ -33,6 +33,8 @@ SUPERNODE_SERVICE=${SUPERNODE_SERVICE:-}
 NODE_IP=${NODE_IP:-}
 # An image pulled through dfdaemon to prove the node works (optional).
 PROBE_IMAGE=${PROBE_IMAGE:-}
+# Touched when done (the pod's readiness probe).
+READY_FILE=${READY_FILE:-}
 # Set to 1 to exit when done instead of sleeping (tests, init containers).
 ONESHOT=${ONESHOT:-0}
 # Set to 1 to make uninstall delete dfdaemon's store too.
@@ -158,4 +160,5 @@ case "${1:-}" in
     uninstall) uninstall ;;
     *) echo "usage: $0 install|uninstall" >&2; exit 2 ;;
 esac
+[ -z "$READY_FILE" ] || touch "$READY_FILE"
 [ "$ONESHOT" = 1 ] || exec sleep infinity
