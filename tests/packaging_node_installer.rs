@@ -211,8 +211,14 @@ fn install_upgrade_uninstall_on_a_scratch_host_root() {
         fs::read(env!("CARGO_BIN_EXE_dfdaemon")).unwrap()
     );
     assert_eq!(
-        fs::read(bed.root.join("etc/systemd/system/dfdaemon.service")).unwrap(),
-        fs::read(repo("packaging/systemd/dfdaemon.service")).unwrap()
+        fs::read_to_string(bed.root.join("etc/systemd/system/dfdaemon.service")).unwrap(),
+        fs::read_to_string(repo("packaging/systemd/dfdaemon.service"))
+            .unwrap()
+            .replace(
+                "ExecStart=/usr/bin/dfdaemon",
+                "ExecStart=/usr/local/bin/dfdaemon"
+            ),
+        "the package's unit, on the installed binary"
     );
     let ino = |p: &str| fs::metadata(bed.root.join(p)).unwrap().ino();
     assert_eq!(

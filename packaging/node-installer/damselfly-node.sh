@@ -98,7 +98,12 @@ wait_for_containerd() {
 install() {
     changed=0
     put "$PAYLOAD/bin/dfdaemon" "$BIN" 0755 && changed=1
-    put "$PAYLOAD/systemd/dfdaemon.service" "$UNIT" 0644 && changed=1
+    # The unit as the Debian package ships it, pointed at this binary.
+    unit=$(mktemp)
+    sed 's|^ExecStart=/usr/bin/dfdaemon|ExecStart=/usr/local/bin/dfdaemon|' \
+        "$PAYLOAD/systemd/dfdaemon.service" > "$unit"
+    put "$unit" "$UNIT" 0644 && changed=1
+    rm -f "$unit"
     put "$PAYLOAD/systemd/containerd.service.d/damselfly.conf" "$DROPIN" 0644 && changed=1
     config=$(mktemp)
     node_config > "$config"
