@@ -79,7 +79,12 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .metrics_listen
         .filter(|_| mesh.is_some() || fast_path.is_some())
     {
-        serve_metrics(addr, mesh.as_ref(), fast_path.as_ref()).await;
+        let sockets = [&config.content_socket, &config.snapshot_socket]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        serve_metrics(addr, mesh.as_ref(), fast_path.as_ref(), sockets).await;
     }
     let content = async {
         match (&config.content_socket, store) {
@@ -120,12 +125,15 @@ async fn open_snapshotter(data_dir: &Path) -> anyhow::Result<Arc<Snapshotter>> {
     Ok(Arc::new(snapshotter))
 }
 
-/// Serves the mesh's and the fast path's metrics on `addr`. Metrics are not
-/// worth failing the plugins for: if the address is taken, say so and go on.
+/// Serves the mesh's and the fast path's metrics on `addr`, with `/readyz`
+/// answering ready while every plugin socket of `sockets` accepts a
+/// connection. Metrics are not worth failing the plugins for: if the
+/// address is taken, say so and go on.
 async fn serve_metrics(
     addr: SocketAddr,
     mesh: Option<&Arc<Mesh>>,
     fast_path: Option<&Arc<FastPath>>,
+    sockets: Vec<PathBuf>,
 ) {
     let listener = match TcpListener::bind(addr).await {
         Ok(listener) => listener,
@@ -142,7 +150,14 @@ async fn serve_metrics(
         fast_path.stats.register(&mut registry);
     }
     tokio::spawn(async move {
-        if let Err(e) = metrics::serve(listener, Arc::new(registry), std::future::pending()).await {
+        let ready: metrics::Readiness = Arc::new(move || {
+            sockets
+                .iter()
+                .all(|s| std::os::unix::net::UnixStream::connect(s).is_ok())
+        });
+        if let Err(e) =
+            metrics::serve(listener, Arc::new(registry), ready, std::future::pending()).await
+        {
             tracing::warn!(error = %e, "metrics server stopped");
         }
     });

@@ -11,12 +11,15 @@
 //! - [`protocol`]: the mesh's wire protocol, shared by both sides;
 //! - [`mesh`]: the piece mesh on a node; [`supernode`]: its coordinator;
 //! - [`dfget`]: the command-line client;
+//! - [`install`]: what installers run on a node: containerd's config edit,
+//!   the import of containerd's own blobs;
 //! - [`daemon`]: dfdaemon, which ties them together on a node.
 
 pub mod config;
 pub mod daemon;
 pub mod dfget;
 pub mod fastpath;
+pub mod install;
 pub mod mesh;
 pub mod metrics;
 pub mod plugin;

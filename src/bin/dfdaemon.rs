@@ -4,9 +4,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand, ValueEnum};
 use damselfly::config::{FileConfig, SEED_CONFIG};
 use damselfly::daemon::{self, DaemonConfig};
+use damselfly::install::containerd_config::{self, Settings};
 use damselfly::mesh::MeshConfig;
 use damselfly::registry::RegistryConfig;
 
@@ -14,8 +15,11 @@ use damselfly::registry::RegistryConfig;
 /// plugins, and shares blobs with other nodes through the mesh when
 /// supernodes are given.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
+    /// Without a subcommand, dfdaemon runs as the daemon.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// YAML config file (keys as the long options, e.g. `data_dir`, plus
     /// `nodes: [supernode addresses]`). Options given here win.
     #[arg(long)]
@@ -59,10 +63,57 @@ struct Args {
     docker_config: Option<PathBuf>,
 }
 
+/// What installers run on the host (see `damselfly::install`).
+#[derive(Subcommand)]
+enum Command {
+    /// Edits containerd's config.toml to use dfdaemon (install), or gives
+    /// it back (uninstall): content and snapshot proxy plugins, the
+    /// built-in content store disabled, CRI's snapshotter and config_path.
+    ContainerdConfig {
+        #[arg(value_enum)]
+        action: ConfigAction,
+        /// containerd's config file.
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        config: PathBuf,
+        /// Print the diff and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// dfdaemon's content socket, as containerd is to reach it.
+        #[arg(long, default_value = damselfly::config::CONTENT_SOCKET)]
+        content_socket: PathBuf,
+        /// dfdaemon's snapshot socket.
+        #[arg(long, default_value = damselfly::config::SNAPSHOT_SOCKET)]
+        snapshot_socket: PathBuf,
+        /// CRI's registry config_path, set if the config has none.
+        #[arg(long, default_value = "/etc/containerd/certs.d")]
+        hosts_dir: PathBuf,
+    },
+    /// Imports the blobs of containerd's built-in content store into
+    /// dfdaemon's store (hard links where possible, digests verified). Run
+    /// it while dfdaemon is stopped, before containerd switches to it.
+    ImportContent {
+        /// containerd's content store (the dir holding `blobs/`).
+        #[arg(long, default_value = damselfly::install::import::CONTAINERD_CONTENT)]
+        from: PathBuf,
+        /// dfdaemon's data dir.
+        #[arg(long, default_value = "/var/lib/damselfly")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConfigAction {
+    Install,
+    Uninstall,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     damselfly::telemetry::init_logging();
     let args = Args::parse();
+    if let Some(command) = args.command {
+        return run_command(command);
+    }
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::load_if_present(std::path::Path::new(SEED_CONFIG))?,
@@ -124,5 +175,64 @@ fn registry_config(hosts_dir: Option<PathBuf>, docker_config: Option<PathBuf>) -
     RegistryConfig {
         hosts_dir: hosts_dir.unwrap_or(defaults.hosts_dir),
         docker_config: docker_config.or(defaults.docker_config),
+    }
+}
+
+/// Runs an installer subcommand and prints what it did.
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::ContainerdConfig {
+            action,
+            config,
+            dry_run,
+            content_socket,
+            snapshot_socket,
+            hosts_dir,
+        } => {
+            let report = match action {
+                ConfigAction::Install => containerd_config::install(
+                    &config,
+                    &Settings {
+                        content_socket,
+                        snapshot_socket,
+                        hosts_dir,
+                    },
+                    dry_run,
+                )?,
+                ConfigAction::Uninstall => containerd_config::uninstall(&config, dry_run)?,
+            };
+            if dry_run || report.changed {
+                print!("{}", report.diff);
+            }
+            let verb = match (report.changed, dry_run) {
+                (false, _) => "unchanged",
+                (true, true) => "would change (dry run, nothing written)",
+                (true, false) => "changed",
+            };
+            println!("{}: {verb}", config.display());
+            for note in report.notes {
+                println!("note: {note}");
+            }
+            Ok(())
+        }
+        Command::ImportContent { from, data_dir } => {
+            let store = damselfly::store::Store::open(&data_dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "open the store in {} (stop dfdaemon first): {e}",
+                    data_dir.display()
+                )
+            })?;
+            let report = damselfly::install::import::import_content(&from, &store)?;
+            println!(
+                "imported from {}: {} linked, {} copied ({} bytes), {} already present, {} skipped",
+                from.display(),
+                report.linked,
+                report.copied,
+                report.bytes,
+                report.present,
+                report.skipped
+            );
+            Ok(())
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! directories are named by the hash of the ref, blobs by a parsed [`Digest`].
 
 pub mod image_index;
+mod import;
 mod ingest;
 mod metadata;
 
@@ -25,6 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use crate::protocol::Digest;
 use crate::protocol::InvalidDigest;
 use image_index::{ImageLayers, IndexedKind};
+pub use import::Imported;
 pub use ingest::{Ingest, IngestStatus, digest_in_ref};
 pub use metadata::PieceRecord;
 use metadata::{BlobMeta, Metadata};
@@ -139,6 +141,9 @@ pub struct Store {
     locked: Mutex<HashSet<String>>,
     /// Signalled whenever a ref is unlocked.
     unlocked: Condvar,
+    /// When each blob was last opened for reading (since this open), for
+    /// least-recently-used eviction.
+    read_at: Mutex<HashMap<Digest, SystemTime>>,
 }
 
 impl Store {
@@ -156,6 +161,7 @@ impl Store {
             meta,
             locked: Mutex::new(HashSet::new()),
             unlocked: Condvar::new(),
+            read_at: Mutex::new(HashMap::new()),
         });
         store.recover_ingests()?;
         Ok(store)
@@ -205,11 +211,25 @@ impl Store {
             }
             Err(e) => return Err(StoreError::io(format!("open {}", path.display()), e)),
         };
+        self.read_at
+            .lock()
+            .expect("read times")
+            .insert(digest.clone(), SystemTime::now());
         let size = file
             .metadata()
             .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?
             .len();
         Ok((file, size as i64))
+    }
+
+    /// When blob `digest` was last opened for reading since the store was
+    /// opened, if it was.
+    pub fn last_read(&self, digest: &Digest) -> Option<SystemTime> {
+        self.read_at
+            .lock()
+            .expect("read times")
+            .get(digest)
+            .copied()
     }
 
     /// Changes a blob's labels and returns its new description.

@@ -152,7 +152,10 @@ pub async fn serve(
             .expire_periodically(config.heartbeat_interval),
     );
     let shutdown = shutdown.shared();
-    let metrics_server = crate::metrics::serve(metrics, Arc::new(registry), shutdown.clone());
+    // Ready once this runs: the repo is open and the API listener bound.
+    let ready: crate::metrics::Readiness = Arc::new(|| true);
+    let metrics_server =
+        crate::metrics::serve(metrics, Arc::new(registry), ready, shutdown.clone());
     tracing::info!(addr = %grpc_addr, "serving the mesh API");
     let grpc_server = async {
         Server::builder()

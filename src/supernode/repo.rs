@@ -5,12 +5,21 @@
 //! The copy outlives the nodes that pulled the blob: a node that joins the
 //! cluster later, or that pruned the image, still gets it inside the
 //! cluster. The repo never fetches from a registry itself (the scheduler
-//! never elects it), keeps at most `max_bytes`, and evicts the blobs
-//! committed longest ago first.
+//! never elects it), keeps at most `max_bytes`, and evicts the least
+//! recently used blobs first (last read by a peer, else committed), never
+//! one read within [`SERVING`]: a blob a peer is downloading is read piece
+//! after piece, so it is never pulled from under it.
+//!
+//! The repo is a store like a node's, with the piece digests of each blob
+//! recorded: a supernode restarted on the same data dir (the same
+//! PersistentVolume) offers every blob again at its first registration and
+//! fetches none of them anew. Read times live in memory, so right after a
+//! restart the order is the commit order.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use tokio::sync::{Semaphore, mpsc};
@@ -25,6 +34,9 @@ use crate::store::{Digest, Store};
 
 /// Blobs copied at the same time.
 const CONCURRENT_COPIES: usize = 4;
+/// A blob read this recently is being served, and is not evicted: longer
+/// than a downloader waits for a piece before it gives up on a parent.
+pub const SERVING: Duration = Duration::from_secs(30);
 
 /// How the repo is set up.
 #[derive(Debug, Clone)]
@@ -118,7 +130,14 @@ impl Repo {
                 drop(ingest);
                 tracing::info!(%digest, size, "repo: blob stored; offered to peers");
                 self.mesh.committed(&task).await;
-                let evicted = block_in_place(|| evict_oldest(&self.store, self.max_bytes, digest))?;
+                let evicted = block_in_place(|| {
+                    evict_least_recently_used(
+                        &self.store,
+                        self.max_bytes,
+                        digest,
+                        SystemTime::now(),
+                    )
+                })?;
                 if !evicted.is_empty() {
                     self.mesh.deleted();
                 }
@@ -133,24 +152,51 @@ impl Repo {
     }
 }
 
-/// Deletes the blobs of `store` committed longest ago (but never `keep`)
-/// until it holds at most `max_bytes`; returns what it deleted.
-fn evict_oldest(store: &Store, max_bytes: u64, keep: &Digest) -> anyhow::Result<Vec<Digest>> {
-    let mut blobs = store.list()?;
-    let mut total: u64 = blobs.iter().map(|b| b.size as u64).sum();
-    blobs.sort_by_key(|b| b.created_at);
+/// Deletes the least recently used blobs of `store` (but never `keep`, nor
+/// one read within [`SERVING`] of `now`) until it holds at most
+/// `max_bytes`; returns what it deleted, oldest use first.
+fn evict_least_recently_used(
+    store: &Store,
+    max_bytes: u64,
+    keep: &Digest,
+    now: SystemTime,
+) -> anyhow::Result<Vec<Digest>> {
+    let mut blobs: Vec<(SystemTime, _)> = store
+        .list()?
+        .into_iter()
+        .map(|b| {
+            (
+                store
+                    .last_read(&b.digest)
+                    .unwrap_or(b.created_at)
+                    .max(b.created_at),
+                b,
+            )
+        })
+        .collect();
+    let mut total: u64 = blobs.iter().map(|(_, b)| b.size as u64).sum();
+    blobs.sort_by_key(|(used, _)| *used);
     let mut evicted = Vec::new();
-    for blob in blobs {
+    for (used, blob) in blobs {
         if total <= max_bytes {
             break;
         }
-        if blob.digest == *keep {
+        let serving = now.duration_since(used).is_ok_and(|ago| ago < SERVING)
+            && store.last_read(&blob.digest).is_some();
+        if blob.digest == *keep || serving {
             continue;
         }
         store.delete(&blob.digest)?;
         total -= blob.size as u64;
         tracing::info!(digest = %blob.digest, size = blob.size, "repo: evicted");
         evicted.push(blob.digest);
+    }
+    if total > max_bytes {
+        tracing::info!(
+            total,
+            max_bytes,
+            "repo: over its cap while its blobs are being served"
+        );
     }
     Ok(evicted)
 }
@@ -160,27 +206,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn eviction_drops_the_oldest_blobs_but_the_new_one() {
+    fn eviction_drops_the_least_recently_used_blobs_never_one_being_served() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let commit = |name: &str, bytes: &[u8]| {
             let mut ingest = store.writer(name, 0, None).unwrap();
             ingest.write(0, bytes).unwrap();
             let digest = ingest.commit(0, None, HashMap::new()).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(5));
             digest
         };
         let old = commit("old", &[1; 100]);
         let middle = commit("middle", &[2; 100]);
-        let new = commit("new", &[3; 100]);
+        let young = commit("young", &[3; 100]);
+        let new = commit("new", &[4; 100]);
+        let later = SystemTime::now() + SERVING * 2;
 
-        assert!(evict_oldest(&store, 300, &new).unwrap().is_empty());
-        assert_eq!(
-            evict_oldest(&store, 250, &new).unwrap(),
-            std::slice::from_ref(&old)
+        assert!(
+            evict_least_recently_used(&store, 400, &new, later)
+                .unwrap()
+                .is_empty()
         );
-        // The blob just stored stays even when it alone is over the cap.
-        assert_eq!(evict_oldest(&store, 50, &new).unwrap(), [middle]);
+        // `old` was read after `middle` was committed: `middle` is the least
+        // recently used.
+        store.open_blob(&old).unwrap();
+        assert_eq!(
+            evict_least_recently_used(&store, 350, &new, later).unwrap(),
+            std::slice::from_ref(&middle)
+        );
+        // `old` and `young` are being served (read just now): over the cap,
+        // they stay, and so does the blob just stored.
+        store.open_blob(&young).unwrap();
+        store.open_blob(&old).unwrap();
+        assert!(
+            evict_least_recently_used(&store, 50, &new, SystemTime::now())
+                .unwrap()
+                .is_empty()
+        );
+        // Once they are not, the least recently used goes first.
+        assert_eq!(
+            evict_least_recently_used(&store, 150, &new, later).unwrap(),
+            [young, old.clone()]
+        );
         assert!(store.info(&new).is_ok() && store.info(&old).is_err());
     }
 }

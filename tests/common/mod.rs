@@ -820,6 +820,56 @@ state = "{state}"
     pub fn content(&self, digest: &str) -> Vec<u8> {
         self.ctr_ok(&["content", "get", digest])
     }
+
+    /// Checks that `ctr image check` in `namespace` finds every one of the
+    /// `blobs` of image `reference`.
+    pub fn assert_image_complete(&self, namespace: &str, reference: &str, blobs: usize) {
+        let check =
+            String::from_utf8_lossy(&self.ctr_in_ok(namespace, &["image", "check"])).into_owned();
+        let line = check
+            .lines()
+            .find(|l| l.starts_with(reference))
+            .unwrap_or_else(|| panic!("{reference} is not listed:\n{check}"));
+        assert!(
+            line.contains(&format!("complete ({blobs}/{blobs})")),
+            "{check}"
+        );
+    }
+
+    /// Runs a container of image `reference` in `namespace` on
+    /// `snapshotter` (with runc, busybox bound in) and checks that it reads
+    /// each of `files` with its size.
+    pub fn assert_container_reads(
+        &self,
+        namespace: &str,
+        snapshotter: &str,
+        reference: &str,
+        files: &[(&str, u64)],
+    ) {
+        let mut run = vec![
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            "--mount",
+            "type=bind,src=/bin/busybox,dst=/bin/busybox,options=rbind:ro",
+            reference,
+            "damselfly-probe",
+            "/bin/busybox",
+            "wc",
+            "-c",
+        ];
+        run.extend(files.iter().map(|(path, _)| *path));
+        let counted = String::from_utf8_lossy(&self.ctr_in_ok(namespace, &run)).into_owned();
+        for (path, size) in files {
+            assert!(
+                counted
+                    .lines()
+                    .any(|l| l.split_whitespace().eq([size.to_string().as_str(), path])),
+                "the container reads {path} ({size} bytes): {counted}"
+            );
+        }
+    }
 }
 
 /// The last `n` lines of a log file.

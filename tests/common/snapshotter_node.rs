@@ -181,43 +181,14 @@ impl SnapshotterNode {
     /// Checks that `ctr image check` finds every one of the `blobs` of
     /// image `reference`.
     pub fn assert_image_complete(&self, reference: &str, blobs: usize) {
-        let check = self.k8s(&["image", "check"]);
-        let line = check
-            .lines()
-            .find(|l| l.starts_with(reference))
-            .unwrap_or_else(|| panic!("{reference} is not listed:\n{check}"));
-        assert!(
-            line.contains(&format!("complete ({blobs}/{blobs})")),
-            "{check}"
-        );
+        self.containerd
+            .assert_image_complete(CRI_NAMESPACE, reference, blobs);
     }
 
     /// Runs a container of image `reference` on the `damselfly` snapshotter
-    /// (with runc, busybox bound in) and checks that it reads each of
-    /// `files` with its size.
+    /// and checks that it reads each of `files` with its size.
     pub fn assert_container_reads(&self, reference: &str, files: &[(&str, u64)]) {
-        let mut run = vec![
-            "run",
-            "--rm",
-            "--snapshotter",
-            "damselfly",
-            "--mount",
-            "type=bind,src=/bin/busybox,dst=/bin/busybox,options=rbind:ro",
-            reference,
-            "damselfly-probe",
-            "/bin/busybox",
-            "wc",
-            "-c",
-        ];
-        run.extend(files.iter().map(|(path, _)| *path));
-        let counted = self.k8s(&run);
-        for (path, size) in files {
-            assert!(
-                counted
-                    .lines()
-                    .any(|l| l.split_whitespace().eq([size.to_string().as_str(), path])),
-                "the container reads {path} ({size} bytes): {counted}"
-            );
-        }
+        self.containerd
+            .assert_container_reads(CRI_NAMESPACE, SNAPSHOTTER, reference, files);
     }
 }
