@@ -242,6 +242,7 @@ impl Daemon {
             contiguous: contiguous.min(BLOB_SIZE) as i64,
             // It starts every transfer it is given.
             max_assignments: 0,
+            wait_ms: 0,
         };
         let started = Instant::now();
         let response = call!(mesh, self.index, schedule, schedule);

@@ -206,7 +206,7 @@ impl Fetch {
         };
         block_in_place(|| ingest.commit(layer.size as i64, Some(digest), HashMap::new()))
             .map_err(store_error)?;
-        if let Some(session) = &session {
+        if let Some(session) = &mut session {
             session.committed();
         }
         Ok(origin)

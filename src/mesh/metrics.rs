@@ -12,6 +12,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::Mesh;
+use super::transfer::FailureKind;
 
 /// Encodes the mesh's counters and gauges on each scrape.
 pub struct MeshCollector {
@@ -105,13 +106,15 @@ impl Collector for MeshCollector {
             &self.name("failures"),
             "Mesh failures by kind (each one falls back, never fails a pull)",
             "kind",
-            &[
-                ("bad_piece", load(&stats.bad_pieces)),
-                ("piece_transfer", load(&stats.failed_pieces)),
-                ("stall", load(&stats.stalls)),
-                ("supernode", load(&stats.supernode_failures)),
-                ("upload_busy", load(&uploads.rejected_busy)),
-            ],
+            &FailureKind::ALL
+                .iter()
+                .map(|&kind| (kind.label(), load(&stats.piece_failures[kind as usize])))
+                .chain([
+                    ("stall", load(&stats.stalls)),
+                    ("supernode", load(&stats.supernode_failures)),
+                    ("upload_busy", load(&uploads.rejected_busy)),
+                ])
+                .collect::<Vec<_>>(),
         )?;
         gauge(
             &mut encoder,

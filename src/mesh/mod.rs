@@ -8,6 +8,7 @@ pub mod piece_server;
 pub mod session;
 pub mod supernode_client;
 pub mod tasks;
+pub mod transfer;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::store::{Digest, PieceRecord, Store};
 use piece_server::PieceServer;
 use supernode_client::{Answer, SupernodeError, Supernodes};
 use tasks::{LocalTask, LocalTasks};
+use transfer::FailureKind;
 
 /// How long a Join may take before the node just pulls from the registry.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,10 +58,17 @@ pub struct MeshStats {
     pub peer_bytes: AtomicU64,
     pub supernode_bytes: AtomicU64,
     pub pieces_fetched: AtomicU64,
-    pub bad_pieces: AtomicU64,
-    pub failed_pieces: AtomicU64,
+    /// Failed piece transfers, indexed by [`FailureKind`].
+    pub piece_failures: [AtomicU64; FailureKind::ALL.len()],
     pub stalls: AtomicU64,
     pub supernode_failures: AtomicU64,
+}
+
+impl MeshStats {
+    /// Counts a failed piece transfer by kind.
+    pub fn piece_failure(&self, kind: FailureKind) {
+        self.piece_failures[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The mesh as one node sees it.
@@ -201,6 +210,25 @@ impl Mesh {
                 tracing::warn!(%digest, "supernode join timed out: pulling from the registry");
                 None
             }
+        }
+    }
+
+    /// Tells the task's supernode this node no longer takes part in
+    /// `digest`'s task (it gave up on the blob without committing it).
+    pub async fn leave(&self, digest: &Digest) {
+        let request = api::LeaveRequest {
+            host_id: self.supernodes.host().id.clone(),
+            digest: digest.to_string(),
+        };
+        let answer = self
+            .call(digest, "leave", |mut c| {
+                let request = request.clone();
+                async move { c.leave(request).await }
+            })
+            .await;
+        match answer {
+            Ok(_) => tracing::info!(%digest, "left the mesh task: the blob was not committed"),
+            Err(e) => tracing::warn!(%digest, error = %e, "could not leave the mesh task"),
         }
     }
 

@@ -33,6 +33,8 @@ pub struct BlobSession {
     /// How much of the blob, from offset 0, the ingest holds verified
     /// while peers' pieces arrive.
     verified: watch::Sender<u64>,
+    /// The blob was committed: the session ends with this node holding it.
+    committed: bool,
 }
 
 /// This node writes the blob from the registry and publishes its pieces.
@@ -66,6 +68,7 @@ impl BlobSession {
             ingesting: None,
             task: None,
             verified: watch::Sender::new(0),
+            committed: false,
         })
     }
 
@@ -145,7 +148,8 @@ impl BlobSession {
     }
 
     /// The blob was committed: tell the supernode this node holds all of it.
-    pub fn committed(&self) {
+    pub fn committed(&mut self) {
+        self.committed = true;
         if let Some(task) = self.task.clone() {
             let mesh = self.mesh.clone();
             tokio::spawn(async move { mesh.committed(&task).await });
@@ -155,10 +159,17 @@ impl BlobSession {
 
 impl Drop for BlobSession {
     /// The stream ended: stop announcing and serving from the ingest (a
-    /// committed blob is served from the store from now on).
+    /// committed blob is served from the store from now on). Ended any
+    /// other way (containerd's client went away, the write failed, the
+    /// disk is full), the node leaves the task, so that the supernode
+    /// stops sending peers here and elects another ingester at once.
     fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            self.mesh.tasks.finish(task);
+        let Some(task) = &self.task else { return };
+        self.mesh.tasks.finish(task);
+        if !self.committed {
+            let mesh = self.mesh.clone();
+            let digest = task.digest.clone();
+            tokio::spawn(async move { mesh.leave(&digest).await });
         }
     }
 }

@@ -2,7 +2,7 @@
 //! holds verified: what the piece server may serve before a blob is
 //! committed, and what the node tells a supernode that asks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,6 +61,26 @@ impl LocalTask {
             .expect("pieces")
             .get(number as usize)
             .is_some_and(Option::is_some)
+    }
+
+    /// The first piece from `number` on that is not held (the piece count
+    /// if all are): where the verified prefix ends.
+    pub fn first_missing_from(&self, number: u32) -> u32 {
+        let pieces = self.pieces.lock().expect("pieces");
+        (number as usize..pieces.len())
+            .find(|&n| pieces[n].is_none())
+            .unwrap_or(pieces.len()) as u32
+    }
+
+    /// Up to `limit` pieces from `number` on that are not held and not in
+    /// `skip`.
+    pub fn missing_from(&self, number: u32, limit: usize, skip: &HashSet<u32>) -> Vec<u32> {
+        let pieces = self.pieces.lock().expect("pieces");
+        (number as usize..pieces.len())
+            .filter(|&n| pieces[n].is_none() && !skip.contains(&(n as u32)))
+            .take(limit)
+            .map(|n| n as u32)
+            .collect()
     }
 
     /// The verified pieces, as `(number, digest)`.

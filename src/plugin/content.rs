@@ -295,7 +295,7 @@ async fn write_session(
                     response.offset = client_end;
                 }
                 if action == WriteAction::Commit
-                    && let Some(mesh) = &mesh
+                    && let Some(mesh) = &mut mesh
                 {
                     mesh.committed();
                 }

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
 use super::metrics::SupernodeMetrics;
@@ -29,7 +29,13 @@ struct Shared {
     metrics: SupernodeMetrics,
     /// Told of every blob that gets an ingester (the repo copies them).
     new_blobs: Option<mpsc::UnboundedSender<(Digest, u64)>>,
+    /// Bumped by every call that may let a waiting Schedule assign
+    /// something: long-polling Schedules wait on it.
+    changed: watch::Sender<u64>,
 }
+
+/// Longest a Schedule call is held waiting for the task to change.
+const MAX_SCHEDULE_WAIT: Duration = Duration::from_secs(2);
 
 impl SupernodeService {
     /// A service with an empty scheduler, counting into `metrics`, and
@@ -45,6 +51,7 @@ impl SupernodeService {
                 config,
                 metrics,
                 new_blobs,
+                changed: watch::Sender::new(0),
             }),
         }
     }
@@ -57,7 +64,15 @@ impl SupernodeService {
         loop {
             ticks.tick().await;
             self.run(|scheduler, now| scheduler.expire(now));
+            self.changed();
         }
+    }
+
+    /// Wakes the long-polling Schedules to look again.
+    fn changed(&self) {
+        self.shared
+            .changed
+            .send_modify(|generation| *generation += 1);
     }
 
     /// Runs `call` on the scheduler at the current time, then (outside the
@@ -109,7 +124,9 @@ impl Supernode for SupernodeService {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let request = request.into_inner();
-        answer(self.run(|s, now| s.register(&request, now)))
+        let result = self.run(|s, now| s.register(&request, now));
+        self.changed();
+        answer(result)
     }
 
     async fn heartbeat(
@@ -122,7 +139,9 @@ impl Supernode for SupernodeService {
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let request = request.into_inner();
-        answer(self.run(|s, now| s.join(&request, now)))
+        let result = self.run(|s, now| s.join(&request, now));
+        self.changed();
+        answer(result)
     }
 
     async fn announce(
@@ -130,7 +149,9 @@ impl Supernode for SupernodeService {
         request: Request<AnnounceRequest>,
     ) -> Result<Response<AnnounceResponse>, Status> {
         let request = request.into_inner();
-        answer(self.run(|s, now| s.announce(&request, now)))
+        let result = self.run(|s, now| s.announce(&request, now));
+        self.changed();
+        answer(result)
     }
 
     async fn schedule(
@@ -138,7 +159,21 @@ impl Supernode for SupernodeService {
         request: Request<ScheduleRequest>,
     ) -> Result<Response<ScheduleResponse>, Status> {
         let request = request.into_inner();
-        let response = self.run(|s, now| s.schedule(&request, now));
+        let wait = Duration::from_millis(request.wait_ms.into()).min(MAX_SCHEDULE_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changed = self.shared.changed.subscribe();
+        let response = loop {
+            changed.mark_unchanged();
+            let response = self.run(|s, now| s.schedule(&request, now));
+            let idle = matches!(&response, Ok(r) if r.assignments.is_empty() && !r.take_over);
+            if !idle
+                || tokio::time::timeout_at(deadline, changed.changed())
+                    .await
+                    .is_err()
+            {
+                break response;
+            }
+        };
         if let Ok(response) = &response {
             self.shared.metrics.scheduled(response.assignments.len());
         }
@@ -150,7 +185,9 @@ impl Supernode for SupernodeService {
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
         let request = request.into_inner();
-        answer(self.run(|s, now| s.report(&request, now)))
+        let result = self.run(|s, now| s.report(&request, now));
+        self.changed();
+        answer(result)
     }
 
     async fn leave(
@@ -158,7 +195,9 @@ impl Supernode for SupernodeService {
         request: Request<LeaveRequest>,
     ) -> Result<Response<LeaveResponse>, Status> {
         let request = request.into_inner();
-        answer(self.run(|s, now| s.leave(&request, now)))
+        let result = self.run(|s, now| s.leave(&request, now));
+        self.changed();
+        answer(result)
     }
 }
 
@@ -268,5 +307,71 @@ mod tests {
             Refusal::TaskLost
         );
         service.join(join("a", &digest)).await.unwrap();
+    }
+
+    fn register(id: &str) -> Request<RegisterRequest> {
+        Request::new(RegisterRequest {
+            host: Some(Host {
+                id: id.into(),
+                ip: "127.0.0.1".into(),
+                upload_port: 1,
+                supernode: false,
+            }),
+            blobs: vec![],
+        })
+    }
+
+    /// A Schedule with nothing to assign is held until a piece is announced,
+    /// then answers with it, well before its wait is over.
+    #[tokio::test]
+    async fn a_waiting_schedule_answers_when_a_piece_appears() {
+        let service = service();
+        let blob = vec![7u8; 100];
+        let digest = Digest::of(&blob).to_string();
+        let size = blob.len() as i64;
+        for host in ["ingester", "downloader"] {
+            service.register(register(host)).await.unwrap();
+            let mut request = join(host, &digest);
+            request.get_mut().size = size;
+            service.join(request).await.unwrap();
+        }
+        let waiting = {
+            let service = service.clone();
+            let request = ScheduleRequest {
+                host_id: "downloader".into(),
+                digest: digest.clone(),
+                wanted: vec![0],
+                wait_ms: 2000,
+                ..Default::default()
+            };
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let answer = service.schedule(Request::new(request)).await.unwrap();
+                (answer.into_inner(), started.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !waiting.is_finished(),
+            "answered before anything could be assigned"
+        );
+        let announce = AnnounceRequest {
+            host_id: "ingester".into(),
+            blob: Some(crate::protocol::api::HeldBlob {
+                digest: digest.clone(),
+                size,
+                piece_size: crate::protocol::piece::piece_size(size as u64),
+                pieces: vec![crate::protocol::api::Piece {
+                    number: 0,
+                    digest: digest.clone(),
+                }],
+                complete: false,
+                ingesting: true,
+            }),
+        };
+        service.announce(Request::new(announce)).await.unwrap();
+        let (answer, waited) = waiting.await.unwrap();
+        assert_eq!(answer.assignments.len(), 1, "{answer:?}");
+        assert!(waited < Duration::from_millis(1500), "held for {waited:?}");
     }
 }

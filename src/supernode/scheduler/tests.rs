@@ -128,6 +128,7 @@ impl Mesh {
             wanted: wanted.into_iter().collect(),
             contiguous,
             max_assignments: 0,
+            wait_ms: 0,
         };
         let response = self.scheduler.schedule(&request, self.now).unwrap();
         assert_eq!(response.total_pieces, PIECES);
@@ -279,6 +280,7 @@ fn requests_are_validated() {
         wanted,
         contiguous,
         max_assignments: 0,
+        wait_ms: 0,
     };
     assert!(invalid(
         s.schedule(&schedule(vec![PIECES], 0, &blob()), now)
@@ -853,6 +855,7 @@ fn random_operations_keep_the_state_consistent() {
                     wanted: (piece..PIECES.min(piece + 8)).collect(),
                     contiguous: 0,
                     max_assignments: 0,
+                    wait_ms: 0,
                 };
                 if let Ok(response) = mesh.scheduler.schedule(&request, mesh.now) {
                     last.insert(id, response);
@@ -894,6 +897,7 @@ fn a_call_gets_no_more_assignments_than_it_can_start() {
         wanted: (0..16).collect(),
         contiguous: 0,
         max_assignments: 3,
+        wait_ms: 0,
     };
     let response = mesh.scheduler.schedule(&request, mesh.now).unwrap();
     assert_eq!(numbers(&response), [0, 1, 2]);
