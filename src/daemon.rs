@@ -47,6 +47,8 @@ pub struct DaemonConfig {
 /// Runs the daemon until a termination signal. With both plugins served,
 /// the snapshotter takes containerd's remote-snapshot fast path.
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let nofile = crate::mesh::limits::raise_nofile();
+    tracing::info!(nofile, "open-files limit");
     if config.mesh.is_some() && config.content_socket.is_none() {
         tracing::warn!("supernodes configured but no content socket: the mesh is not joined");
     }
