@@ -22,6 +22,8 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub content_socket: Option<PathBuf>,
     pub snapshot_socket: Option<PathBuf>,
+    /// Group of the plugin sockets (name or number), e.g. containerd's.
+    pub socket_group: Option<String>,
     /// Supernodes, `IP[:PORT]`.
     #[serde(default)]
     pub nodes: Vec<String>,
@@ -65,6 +67,17 @@ pub fn plugin_sockets(
     (content, snapshot)
 }
 
+/// The group `name` (a group name, or a number) names.
+pub fn socket_group(name: &str) -> anyhow::Result<nix::unistd::Gid> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(gid));
+    }
+    let group = nix::unistd::Group::from_name(name)
+        .with_context(|| format!("look up group {name:?}"))?
+        .with_context(|| format!("socket group {name:?}: no such group"))?;
+    Ok(group.gid)
+}
+
 /// Validates supernode addresses, adding the default port where missing.
 pub fn supernode_addrs(nodes: &[String]) -> anyhow::Result<Vec<String>> {
     nodes
@@ -94,6 +107,9 @@ mod tests {
             vec!["10.0.0.1:8002".to_string(), "10.0.0.2:9000".to_string()]
         );
         assert!(supernode_addrs(&["example.com".into()]).is_err());
+        assert_eq!(socket_group("0").unwrap().as_raw(), 0);
+        assert_eq!(socket_group("root").unwrap().as_raw(), 0);
+        assert!(socket_group("no-such-group-here").is_err());
         assert!(serde_yaml_ng::from_str::<FileConfig>("bogus_key: 1\n").is_err());
     }
 

@@ -32,6 +32,8 @@ pub struct DaemonConfig {
     /// Unix socket of the snapshot plugin (type "snapshot"); `None`: no
     /// snapshotter is served.
     pub snapshot_socket: Option<PathBuf>,
+    /// The group given the plugin sockets (mode 0660); `None`: dfdaemon's own.
+    pub socket_group: Option<nix::unistd::Gid>,
     /// The mesh, which shares the content store; `None` makes dfdaemon a
     /// plain local content store.
     pub mesh: Option<MeshConfig>,
@@ -47,6 +49,10 @@ pub struct DaemonConfig {
 /// Runs the daemon until a termination signal. With both plugins served,
 /// the snapshotter takes containerd's remote-snapshot fast path.
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    crate::store::private_dir(&config.data_dir)
+        .with_context(|| format!("make the data dir {} private", config.data_dir.display()))?;
+    let nofile = crate::mesh::limits::raise_nofile();
+    tracing::info!(nofile, "open-files limit");
     if config.mesh.is_some() && config.content_socket.is_none() {
         tracing::warn!("supernodes configured but no content socket: the mesh is not joined");
     }
@@ -89,7 +95,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let content = async {
         match (&config.content_socket, store) {
             (Some(socket), Some(store)) => {
-                plugin::serve_content(store, mesh, socket, terminated()).await
+                plugin::serve_content(store, mesh, socket, config.socket_group, terminated()).await
             }
             _ => Ok(()),
         }
@@ -98,7 +104,14 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         match (&config.snapshot_socket, snapshotter) {
             (Some(socket), Some(snapshotter)) => {
                 let remote = fast_path.map(|f| Arc::new(f) as Arc<dyn RemoteLayers>);
-                plugin::serve_snapshots(snapshotter, remote, socket, terminated()).await
+                plugin::serve_snapshots(
+                    snapshotter,
+                    remote,
+                    socket,
+                    config.socket_group,
+                    terminated(),
+                )
+                .await
             }
             _ => Ok(()),
         }

@@ -36,6 +36,10 @@ struct Args {
     /// Unix socket for containerd's `[proxy_plugins]` snapshot entry.
     #[arg(long)]
     snapshot_socket: Option<PathBuf>,
+    /// Group (name or number) given the plugin sockets, which are mode 0660:
+    /// containerd's, if it does not run as root.
+    #[arg(long)]
+    socket_group: Option<String>,
     /// A supernode, `IP[:PORT]` (port 8002 by default); repeat for several.
     /// Without any, `nodes:` of /etc/dragonfly/dfget.yml is used if present.
     #[arg(long = "supernode")]
@@ -47,7 +51,7 @@ struct Args {
     #[arg(long)]
     upload_port: Option<u16>,
     /// Address of the Prometheus endpoint (`/metrics`), served with the mesh
-    /// or the snapshotter's fast path.
+    /// or the snapshotter's fast path; 127.0.0.1:65003 unless given.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// containerd's API socket, where the fast path records the layers it
@@ -144,6 +148,11 @@ async fn main() -> anyhow::Result<()> {
         args.content_socket.or(file.content_socket),
         args.snapshot_socket.or(file.snapshot_socket),
     );
+    let socket_group = args
+        .socket_group
+        .or(file.socket_group)
+        .map(|name| damselfly::config::socket_group(&name))
+        .transpose()?;
     daemon::run(DaemonConfig {
         data_dir: args
             .data_dir
@@ -151,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| "/var/lib/damselfly".into()),
         content_socket,
         snapshot_socket,
+        socket_group,
         mesh,
         metrics_listen: Some(
             args.metrics_listen

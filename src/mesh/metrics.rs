@@ -116,6 +116,45 @@ impl Collector for MeshCollector {
                 ])
                 .collect::<Vec<_>>(),
         )?;
+        labelled_counter(
+            &mut encoder,
+            &self.name("piece_connections_refused"),
+            "Piece-server connections closed at once, by the cap they were over",
+            "cap",
+            &[
+                ("total", load(&uploads.refused_total)),
+                ("per_peer", load(&uploads.refused_per_peer)),
+            ],
+        )?;
+        labelled_counter(
+            &mut encoder,
+            &self.name("piece_timeouts"),
+            "Piece-server connections cut, and upload slots given back, by what timed out",
+            "kind",
+            &[
+                ("read", load(&uploads.read_timeouts)),
+                ("write", load(&uploads.write_timeouts)),
+                ("stalled_slot", load(&uploads.stalled_releases)),
+            ],
+        )?;
+        counter(
+            &mut encoder,
+            &self.name("piece_accept_errors"),
+            "Failed accepts of piece-server connections (e.g. out of file descriptors)",
+            load(&uploads.accept_errors),
+        )?;
+        counter(
+            &mut encoder,
+            &self.name("piece_range_refused"),
+            "Piece requests answered 416: their Range was not within the piece",
+            load(&uploads.range_refused),
+        )?;
+        gauge(
+            &mut encoder,
+            &self.name("piece_connections"),
+            "Piece-server connections open now",
+            self.mesh.piece_server.connections_open() as i64,
+        )?;
         gauge(
             &mut encoder,
             &self.name("active_tasks"),

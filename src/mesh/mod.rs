@@ -3,6 +3,7 @@
 //! blob (see [`session`]).
 
 pub mod downloader;
+pub mod limits;
 pub mod metrics;
 pub mod piece_server;
 pub mod session;

@@ -6,6 +6,7 @@ mod filter;
 mod snapshots;
 
 use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use futures::Stream;
+use nix::unistd::Gid;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::Status;
@@ -49,11 +51,13 @@ const LIST_BATCH: usize = 100;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Serves the Content service over `store` on `socket` until `shutdown` completes.
+/// Serves the Content service over `store` on `socket` (mode 0660, group
+/// `group` if given) until `shutdown` completes.
 pub async fn serve_content(
     store: Arc<Store>,
     mesh: Option<Arc<crate::mesh::Mesh>>,
     socket: &Path,
+    group: Option<Gid>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let content = content_api::content_server::ContentServer::new(ContentService::new(store, mesh))
@@ -65,16 +69,17 @@ pub async fn serve_content(
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(content);
-    serve_on(socket, "content", router, shutdown).await
+    serve_on(socket, group, "content", router, shutdown).await
 }
 
 /// Serves the Snapshots service over `snapshotter` on `socket` until
-/// `shutdown` completes; `remote` is asked about layers first (see
-/// [`RemoteLayers`]).
+/// `shutdown` completes (mode 0660, group `group` if given); `remote` is
+/// asked about layers first (see [`RemoteLayers`]).
 pub async fn serve_snapshots(
     snapshotter: Arc<Snapshotter>,
     remote: Option<Arc<dyn RemoteLayers>>,
     socket: &Path,
+    group: Option<Gid>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let snapshots = snapshots_api::snapshots_server::SnapshotsServer::new(SnapshotsService::new(
@@ -82,12 +87,13 @@ pub async fn serve_snapshots(
         remote,
     ));
     let router = tonic::transport::Server::builder().add_service(snapshots);
-    serve_on(socket, "snapshot", router, shutdown).await
+    serve_on(socket, group, "snapshot", router, shutdown).await
 }
 
 /// Serves `router` on unix socket `socket` (the `what` plugin) until `shutdown`.
 async fn serve_on(
     socket: &Path,
+    group: Option<Gid>,
     what: &str,
     router: Router,
     shutdown: impl Future<Output = ()>,
@@ -96,8 +102,7 @@ async fn serve_on(
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
     remove_stale_socket(socket)?;
-    let listener =
-        UnixListener::bind(socket).with_context(|| format!("listen on {}", socket.display()))?;
+    let listener = bind_private(socket, group)?;
     tracing::info!(socket = %socket.display(), "{what} plugin listening");
     router
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
@@ -105,6 +110,33 @@ async fn serve_on(
         .with_context(|| format!("{what} plugin server"))?;
     let _ = std::fs::remove_file(socket);
     Ok(())
+}
+
+/// Binds `socket` with mode 0660 and group `group`, whatever the umask: the
+/// socket is made under a temporary name, given its mode and group, then
+/// renamed into place, so nobody can connect before it is private.
+fn bind_private(socket: &Path, group: Option<Gid>) -> anyhow::Result<UnixListener> {
+    let mut staging = socket.as_os_str().to_owned();
+    staging.push(format!(".{}.new", std::process::id()));
+    let staging = std::path::PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener =
+        UnixListener::bind(&staging).with_context(|| format!("listen on {}", staging.display()))?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("make {} mode 0660", staging.display()))
+        .and_then(|()| {
+            nix::unistd::chown(&staging, None, group)
+                .with_context(|| format!("give {} group {group:?}", staging.display()))
+        })
+        .and_then(|()| {
+            std::fs::rename(&staging, socket)
+                .with_context(|| format!("rename {} to {}", staging.display(), socket.display()))
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 /// Removes a socket file left by a daemon that died, but refuses to take

@@ -129,8 +129,12 @@ impl Snapshotter {
         fs::create_dir_all(&root)
             .and_then(|()| fs::set_permissions(&root, fs::Permissions::from_mode(0o700)))
             .map_err(|e| SnapshotError::io(format!("create {}", root.display()), e))?;
+        let db = root.join("metadata.redb");
+        let meta = Metadata::open(&db)?;
+        fs::set_permissions(&db, fs::Permissions::from_mode(0o600))
+            .map_err(|e| SnapshotError::io(format!("make {} mode 0600", db.display()), e))?;
         let snapshotter = Self {
-            meta: Metadata::open(&root.join("metadata.redb"))?,
+            meta,
             root,
             stager: Stager::default(),
         };

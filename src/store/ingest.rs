@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -80,12 +80,12 @@ impl Ingest {
                 (file, meta)
             }
             None => {
-                fs::create_dir_all(&dir)
-                    .map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
+                super::private_dir(&dir)?;
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .create(true)
+                    .mode(0o600)
                     .truncate(true)
                     .open(&data)
                     .map_err(|e| StoreError::io(format!("create {}", data.display()), e))?;
@@ -320,7 +320,7 @@ impl Ingest {
             return Err(StoreError::AlreadyExists(format!("content {digest}")));
         }
         let data = store.ingest_dir(&reference).join(DATA_FILE);
-        fs::set_permissions(&data, Permissions::from_mode(0o444))
+        fs::set_permissions(&data, Permissions::from_mode(0o400))
             .map_err(|e| StoreError::io(format!("make {} read-only", data.display()), e))?;
         // The record first: a crash before the rename leaves a record without
         // a blob, which nobody sees; the other order could lose the labels.

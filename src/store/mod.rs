@@ -18,6 +18,7 @@ mod metadata;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -133,6 +134,16 @@ impl LabelUpdate {
     }
 }
 
+/// Creates `dir` (and its parents) if needed, and makes it mode 0700.
+pub(crate) fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
+        .map_err(|e| StoreError::io(format!("create {} mode 0700", dir.display()), e))
+}
+
 /// The content store. Cheap to share: wrap it in an [`Arc`].
 pub struct Store {
     root: PathBuf,
@@ -150,12 +161,21 @@ impl Store {
     /// Opens the store at `root`, creating it if needed, and removes what a
     /// crash may have left half-made (ingest directories without a record and
     /// records whose data file is gone).
+    /// Everything in it is private to dfdaemon's user, whatever the umask:
+    /// directories 0700, the database 0600, committed blobs 0400.
     pub fn open(root: &Path) -> Result<Arc<Self>, StoreError> {
-        for dir in [root.join("blobs/sha256"), root.join("ingest")] {
-            fs::create_dir_all(&dir)
-                .map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
+        for dir in [
+            root,
+            &root.join("blobs"),
+            &root.join("blobs/sha256"),
+            &root.join("ingest"),
+        ] {
+            private_dir(dir)?;
         }
-        let meta = Metadata::open(&root.join("metadata.redb"))?;
+        let db = root.join("metadata.redb");
+        let meta = Metadata::open(&db)?;
+        fs::set_permissions(&db, fs::Permissions::from_mode(0o600))
+            .map_err(|e| StoreError::io(format!("make {} mode 0600", db.display()), e))?;
         let store = Arc::new(Self {
             root: root.to_owned(),
             meta,
@@ -657,7 +677,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o444
+            0o400
         );
         let listed: Vec<_> = store
             .list()
