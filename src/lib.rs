@@ -11,7 +11,8 @@
 //! - [`protocol`]: the mesh's wire protocol, shared by both sides;
 //! - [`mesh`]: the piece mesh on a node; [`supernode`]: its coordinator;
 //! - [`dfget`]: the command-line client;
-//! - [`daemon`]: dfdaemon, which ties them together on a node.
+//! - [`daemon`]: dfdaemon, which ties them together on a node;
+//! - [`needs_root`]: how tests that need root skip (or, in CI, fail) as another user.
 
 pub mod config;
 pub mod daemon;
@@ -19,6 +20,7 @@ pub mod dfget;
 pub mod fastpath;
 pub mod mesh;
 pub mod metrics;
+pub mod needs_root;
 pub mod plugin;
 pub mod protocol;
 pub mod registry;

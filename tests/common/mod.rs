@@ -31,6 +31,11 @@ use sha2::{Digest as _, Sha256};
 use netns::{Host, command_in};
 use secure_registry::Secured;
 
+/// `require_root!()` first in a test that needs root: skips it as another
+/// user (see [`damselfly::needs_root`]).
+#[allow(unused_imports)] // not every test binary has a root-only test
+pub use damselfly::require_root;
+
 /// How long a process may take to come up.
 const STARTUP: Duration = Duration::from_secs(30);
 
@@ -42,7 +47,6 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Self {
-        require_root();
         let dir = tempfile::Builder::new()
             .prefix("dfly-")
             .tempdir_in("/tmp")
@@ -79,10 +83,12 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
-fn require_root() {
+/// Panics unless root: what needs it (containerd, netns) checks, so a test
+/// that forgot [`require_root!`] fails with this line, not an obscure one.
+pub fn assert_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
-        "integration tests drive containerd and mounts: run them as root"
+        "containerd and network namespaces need root: start the test with common::require_root!()"
     );
 }
 
@@ -643,6 +649,7 @@ impl Containerd {
         snapshot_socket: Option<&Path>,
         registry: impl Into<Upstream<'a>>,
     ) -> Self {
+        assert_root();
         let dir = scratch.join(name);
         let certs = dir.join("certs.d");
         registry.into().write_hosts_toml(&certs);
