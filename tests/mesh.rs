@@ -26,7 +26,8 @@ use common::mesh::{
     with_infra,
 };
 use common::{
-    CatalogBlob, CatalogImage, Containerd, Dfdaemon, Node, Registry, sha256_file, wait_for,
+    CatalogBlob, CatalogImage, Containerd, Dfdaemon, Node, Registry, rendezvous_owner, sha256_file,
+    wait_for,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -999,22 +1000,6 @@ fn piece_count(size: u64) -> u32 {
 fn contiguous(numbers: impl Iterator<Item = u32>) -> u32 {
     let held: BTreeSet<u32> = numbers.collect();
     (0..).find(|n| !held.contains(n)).unwrap()
-}
-
-/// The supernode (of `addrs`) that owns `digest`'s task: the highest
-/// sha256(digest, 0, address), as src/mesh/supernode_client.rs orders them.
-fn rendezvous_owner<'a>(digest: &str, addrs: &'a [String]) -> &'a str {
-    use sha2::{Digest as _, Sha256};
-    addrs
-        .iter()
-        .max_by_key(|addr| {
-            Sha256::new()
-                .chain_update(digest)
-                .chain_update([0])
-                .chain_update(addr.as_bytes())
-                .finalize()
-        })
-        .expect("a supernode")
 }
 
 /// Each layer of `image` was ingested from the registry by exactly one node,

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod loopback;
 pub mod mesh;
 pub mod netns;
 pub mod oci;
@@ -1000,4 +1001,20 @@ pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bo
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         sleep(Duration::from_millis(10));
     }
+}
+
+/// The supernode (of `addrs`) that owns `digest`'s task: the highest
+/// sha256(digest, 0, address), as src/mesh/supernode_client.rs orders them.
+pub fn rendezvous_owner<'a>(digest: &str, addrs: &'a [String]) -> &'a str {
+    use sha2::{Digest as _, Sha256};
+    addrs
+        .iter()
+        .max_by_key(|addr| {
+            Sha256::new()
+                .chain_update(digest)
+                .chain_update([0])
+                .chain_update(addr.as_bytes())
+                .finalize()
+        })
+        .expect("a supernode")
 }
