@@ -176,11 +176,16 @@ fn a_restarted_supernode_gets_a_registration_and_refusals_are_typed() {
     let digest = Digest::of(b"first");
     assert!(node.runtime.block_on(node.mesh.join(&digest, 10)).is_some());
 
-    // Restarted with empty state: the next call is refused with "register
-    // again", and the client registers and retries it.
+    // Restarted with empty state, it refuses the node's heartbeat or call
+    // with "register again", and the node registers. (While it was down a
+    // heartbeat may have marked it down: calls skip it until a heartbeat
+    // gets through, so wait for that.)
     drop(supernode);
     let port = addr.rsplit(':').next().unwrap().parse().unwrap();
     let supernode = LoopSupernode::start([127, 0, 0, 1].into(), port);
+    wait_for("the node to register again", LONG, || {
+        supernode.metric("damselfly_supernode_hosts") == 1
+    });
     let (role, answered) = node
         .runtime
         .block_on(node.mesh.join(&Digest::of(b"second"), 10))
