@@ -6,6 +6,8 @@
 //! [`crate::require_root!`], the integration tests the same macro through
 //! `tests/common`.
 
+use std::io::Write as _;
+
 /// Set to `1` to make a root-only test fail instead of skipping.
 pub const REQUIRE_ROOT_TESTS: &str = "DAMSELFLY_REQUIRE_ROOT_TESTS";
 
@@ -20,7 +22,12 @@ pub fn root_or_skip(place: &str) -> bool {
         std::env::var(REQUIRE_ROOT_TESTS).as_deref() != Ok("1"),
         "{place}: needs root (containerd, mounts, netns, chown) and {REQUIRE_ROOT_TESTS}=1 forbids skipping it"
     );
-    eprintln!("skipped: needs root (containerd, mounts, netns, chown): {place}");
+    // Straight to stderr, past the test harness's capture of `eprintln!`,
+    // so the skip shows in the output of a passing run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped: needs root (containerd, mounts, netns, chown): {place}"
+    );
     false
 }
 
