@@ -56,16 +56,17 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# wait_for WHAT PID COMMAND...: polls COMMAND for up to 30 s while PID lives.
+# wait_for WHAT PID COMMAND...: polls COMMAND for up to $wait_seconds
+# (default 30) while PID lives.
 wait_for() {
-    local what=$1 pid=$2 i
+    local what=$1 pid=$2 i limit=${wait_seconds:-30}
     shift 2
-    for ((i = 0; i < 300; i++)); do
+    for ((i = 0; i < limit * 10; i++)); do
         "$@" >/dev/null 2>&1 && return 0
-        kill -0 "$pid" 2>/dev/null || die "$what exited during startup (see its log below)"
+        kill -0 "$pid" 2>/dev/null || die "$what exited during startup (see its log)"
         sleep 0.1
     done
-    die "$what did not come up in 30 s"
+    die "$what did not come up in $limit s"
 }
 
 # unmount_under DIR: the overlay (and any other) mounts left under DIR,

@@ -222,17 +222,8 @@ log "net $subnet.0/24: ${#hosts[@]} hosts on bridge br0 in $switch, every link t
 tx_bytes() { in_ns "$prefix-$1" cat /sys/class/net/eth0/statistics/tx_bytes; }
 rx_bytes() { in_ns "$prefix-$1" cat /sys/class/net/eth0/statistics/rx_bytes; }
 
-# wait_for WHAT PID COMMAND...: polls COMMAND for up to 60 s while PID lives.
-wait_for() {
-    local what=$1 pid=$2 i
-    shift 2
-    for ((i = 0; i < 600; i++)); do
-        "$@" >/dev/null 2>&1 && return 0
-        kill -0 "$pid" 2>/dev/null || die "$what exited during startup (see $tmp/logs)"
-        sleep 0.1
-    done
-    die "$what did not come up in 60 s"
-}
+# Processes here start inside namespaces, under load: give them 60 s.
+wait_seconds=60
 
 # --------------------------------------------------------------- registry ---
 
@@ -263,27 +254,11 @@ push_out=$(in_ns "$prefix-reg" "$repo/test-images/push.sh" "127.0.0.1:$reg_port"
 catalog=$(sed -n 's/^catalog: //p' <<<"$push_out")
 [[ -f $catalog ]] || die "push.sh printed no catalog"
 
-# Blobs a single-platform pull of $image fetches. Lines: KIND DIGEST SIZE
-mapfile -t blobs < <(python3 - "$catalog" "$image" <<'EOF'
-import json, platform, sys
-arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-images = [i for i in json.load(open(sys.argv[1])) if i["ref"] == sys.argv[2]]
-if not images:
-    sys.exit(f"{sys.argv[2]} is not in {sys.argv[1]}")
-seen = set()
-for b in images[0]["blobs"]:
-    p = b.get("platform")
-    if p is not None and p.split("/")[:2] != ["linux", arch]:
-        continue
-    if b["digest"] not in seen:
-        seen.add(b["digest"])
-        print(b["kind"], b["digest"], b["size"])
-EOF
-)
+mapfile -t blobs < <(image_blobs "$catalog" "$image")
 [[ ${#blobs[@]} -gt 0 ]] || die "no blobs for $image in $catalog"
 all_digests=() image_bytes=0 nlayers=0
 for line in "${blobs[@]}"; do
-    read -r kind digest size <<<"$line"
+    read -r kind digest size _ <<<"$line"
     all_digests+=("$digest")
     image_bytes=$((image_bytes + size))
     [[ $kind == layer ]] && nlayers=$((nlayers + 1))

@@ -13,7 +13,8 @@
 //! - [`dfget`]: the command-line client;
 //! - [`install`]: what installers run on a node: containerd's config edit,
 //!   the import of containerd's own blobs;
-//! - [`daemon`]: dfdaemon, which ties them together on a node.
+//! - [`daemon`]: dfdaemon, which ties them together on a node;
+//! - [`needs_root`]: how tests that need root skip (or, in CI, fail) as another user.
 
 pub mod config;
 pub mod daemon;
@@ -22,6 +23,7 @@ pub mod fastpath;
 pub mod install;
 pub mod mesh;
 pub mod metrics;
+pub mod needs_root;
 pub mod plugin;
 pub mod protocol;
 pub mod registry;

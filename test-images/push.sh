@@ -8,7 +8,8 @@
 # Without --cert-dir the registry is plain HTTP. With it, it is HTTPS,
 # verified against the CAs (*.crt) in DIR. --creds logs in with Basic auth.
 #
-# WORKDIR (default /tmp/damselfly-test-images/SET) holds the generated OCI
+# WORKDIR (default /tmp/damselfly-test-images/SET, for a user other than
+# root /tmp/damselfly-test-images-UID/SET) holds the generated OCI
 # layouts and catalog.json; a complete generation by the same generate.py is
 # reused. Concurrent runs on one WORKDIR wait for each other (flock WORKDIR.lock).
 set -euo pipefail
@@ -74,7 +75,9 @@ main() {
     local registry=$1 # or --describe
     shift
     local set=$1
-    local dir=${2:-/tmp/damselfly-test-images/$set}
+    local cache=/tmp/damselfly-test-images
+    [ "$(id -u)" = 0 ] || cache+="-$(id -u)" # root's cache is not writable by others
+    local dir=${2:-$cache/$set}
     dir=${dir%/}
 
     mkdir -p "$(dirname "$dir")"

@@ -360,6 +360,7 @@ async fn a_second_writer_on_a_ref_is_unavailable() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_full_is_a_clear_error_and_the_store_stays_consistent() {
+    common::require_root!();
     let scratch = Scratch::new();
     let data_dir = scratch.join("d-data");
     std::fs::create_dir_all(&data_dir).unwrap();

@@ -14,6 +14,7 @@ use common::{Node, Registry, Scratch, sha256_bytes, wait_for};
 /// containerd with the right digest.
 #[test]
 fn pulls_every_test_image_through_the_plugin() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("small");
@@ -49,6 +50,7 @@ fn pulls_every_test_image_through_the_plugin() {
 /// dfdaemon's data dir, freeing the disk; a layer another image still uses stays.
 #[test]
 fn garbage_collection_frees_unreferenced_blobs() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("small");
@@ -106,6 +108,7 @@ fn garbage_collection_frees_unreferenced_blobs() {
 /// Restarting dfdaemon and containerd keeps every image and its content.
 #[test]
 fn images_survive_restarts() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("small");
@@ -147,6 +150,7 @@ fn images_survive_restarts() {
 /// the correct digest.
 #[test]
 fn pull_completes_after_dfdaemon_is_killed_mid_layer() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("large");

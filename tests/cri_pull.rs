@@ -12,6 +12,7 @@ use common::{Node, Registry, Scratch, sha256_bytes};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cri_pull_image_goes_through_the_plugin() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("small");

@@ -40,6 +40,7 @@ fn snapshot_dirs(data_dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cri_pull_is_unpacked_by_dfdaemon_and_runs() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("small");
@@ -85,6 +86,7 @@ async fn cri_pull_is_unpacked_by_dfdaemon_and_runs() {
 /// where its ingest stopped, so the registry sends about one copy in all.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancelled_pull_stops_its_layers_and_a_retry_resumes_them() {
+    common::require_root!();
     let scratch = Scratch::new();
     let net = TestNet::new(&["registry"]);
     let registry = Registry::start_in(&scratch, Some(net.host("registry")));
@@ -162,6 +164,7 @@ async fn a_cancelled_pull_stops_its_layers_and_a_retry_resumes_them() {
 /// does not send the layers containerd's way; a new job unpacks them.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_image_removed_and_pulled_again_is_unpacked_again() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("small");

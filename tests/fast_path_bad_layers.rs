@@ -51,6 +51,7 @@ struct Case {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_layers_escape_nothing_and_end_as_containerd_ends_them() {
+    common::require_root!();
     let scratch = Scratch::new();
     let canary = scratch.join("canary");
     fs::create_dir(&canary).unwrap();

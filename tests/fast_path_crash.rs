@@ -26,6 +26,7 @@ const PATIENCE: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_mid_unpack_leaves_nothing_half_made_and_gc_frees_it_all() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("large");
@@ -148,6 +149,7 @@ async fn killed_mid_unpack_leaves_nothing_half_made_and_gc_frees_it_all() {
 /// does) must not knock the image off the fast path.
 #[tokio::test(flavor = "multi_thread")]
 async fn gc_while_a_layer_streams_keeps_it_on_the_fast_path() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("large");

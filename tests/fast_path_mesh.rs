@@ -37,6 +37,7 @@ const LAYER_DONE: &str = "fast path: layer fetched and unpacked";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn four_nodes_pulling_through_cri_each_unpack_every_layer_from_one_registry_copy() {
+    common::require_root!();
     const NODES: [&str; 4] = ["n1", "n2", "n3", "n4"];
     let (scratch, _logs, net, registry) = testbed("fast_path_mesh", &with_infra(&NODES));
     let catalog = registry.push("bench256");

@@ -26,7 +26,8 @@ use common::mesh::{
     with_infra,
 };
 use common::{
-    CatalogBlob, CatalogImage, Containerd, Dfdaemon, Node, Registry, sha256_file, wait_for,
+    CatalogBlob, CatalogImage, Containerd, Dfdaemon, Node, Registry, rendezvous_owner, sha256_file,
+    wait_for,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -49,6 +50,7 @@ const PULL_TIMEOUT: &str = "180s";
 /// got every piece of it from peers.
 #[test]
 fn four_nodes_pulling_at_once_fetch_the_image_from_the_registry_once() {
+    common::require_root!();
     const NODES: [&str; 4] = ["n1", "n2", "n3", "n4"];
     let (scratch, _logs, net, registry) = testbed("four_nodes", &with_infra(&NODES));
     let catalog = registry.push("bench256");
@@ -98,6 +100,7 @@ fn four_nodes_pulling_at_once_fetch_the_image_from_the_registry_once() {
 /// registry's link is shaped so that "halfway" lasts long enough to catch.
 #[test]
 fn ingester_killed_halfway_another_node_takes_over_from_its_own_offset() {
+    common::require_root!();
     const NODES: [&str; 3] = ["n1", "n2", "n3"];
     let (scratch, _logs, net, registry) = testbed("ingester_killed", &with_infra(&NODES));
     let catalog = registry.push("bench256");
@@ -211,6 +214,7 @@ fn ingester_killed_halfway_another_node_takes_over_from_its_own_offset() {
 /// the registry sends no layer bytes.
 #[test]
 fn serving_peer_killed_downloaders_switch_to_other_holders() {
+    common::require_root!();
     const NODES: [&str; 4] = ["a", "b", "c", "d"];
     let (scratch, _logs, net, registry) = testbed("serving_peer_killed", &with_infra(&NODES));
     let catalog = registry.push("bench256");
@@ -287,6 +291,7 @@ fn serving_peer_killed_downloaders_switch_to_other_holders() {
 /// a take-over, and from each other).
 #[test]
 fn corrupt_peer_is_rejected_and_dropped_and_content_stays_correct() {
+    common::require_root!();
     const NODES: [&str; 3] = ["bad", "x", "y"];
     let (scratch, _logs, net, registry) = testbed("corrupt_peer", &with_infra(&NODES));
     let catalog = registry.push("bench256");
@@ -375,6 +380,7 @@ fn corrupt_peer_is_rejected_and_dropped_and_content_stays_correct() {
 /// registry, at most a few seconds slower than a dfdaemon without a mesh.
 #[test]
 fn supernode_down_before_a_pull_pulls_directly() {
+    common::require_root!();
     const NODES: [&str; 3] = ["plain", "down", "gone"];
     let (scratch, _logs, net, registry) = testbed("supernode_down", &with_infra(&NODES));
     let catalog = registry.push("small");
@@ -418,6 +424,7 @@ fn supernode_down_before_a_pull_pulls_directly() {
 /// the other nodes served by peers).
 #[test]
 fn supernode_restarted_during_pulls_the_mesh_works_again() {
+    common::require_root!();
     const NODES: [&str; 3] = ["n1", "n2", "n3"];
     let (scratch, _logs, net, registry) = testbed("supernode_restarted", &with_infra(&NODES));
     let catalog = registry.push("bench256");
@@ -491,6 +498,7 @@ fn supernode_restarted_during_pulls_the_mesh_works_again() {
 /// the image still goes through the mesh.
 #[test]
 fn two_supernodes_one_killed_its_tasks_move_to_the_other() {
+    common::require_root!();
     const NODES: [&str; 3] = ["n1", "n2", "n3"];
     let (scratch, _logs, net, registry) = testbed(
         "two_supernodes",
@@ -573,6 +581,7 @@ fn two_supernodes_one_killed_its_tasks_move_to_the_other() {
 /// again. A third node pulling meanwhile gets those pieces from it.
 #[test]
 fn daemon_restarted_mid_pull_resumes_and_serves_what_it_holds() {
+    common::require_root!();
     const NODES: [&str; 3] = ["s", "d", "f"];
     let (scratch, _logs, net, registry) = testbed("daemon_restarted", &with_infra(&NODES));
     let catalog = registry.push("bench256");
@@ -697,6 +706,7 @@ fn daemon_restarted_mid_pull_resumes_and_serves_what_it_holds() {
 /// layer from it, none from the registry.
 #[test]
 fn restarted_daemon_serves_the_blobs_it_committed() {
+    common::require_root!();
     const NODES: [&str; 2] = ["a", "b"];
     let (scratch, _logs, net, registry) =
         testbed("restarted_serves_committed", &with_infra(&NODES));
@@ -745,6 +755,7 @@ fn restarted_daemon_serves_the_blobs_it_committed() {
 /// registry sends no layer bytes.
 #[test]
 fn supernode_repo_serves_blobs_after_the_nodes_that_had_them_are_gone() {
+    common::require_root!();
     const NODES: [&str; 2] = ["a", "b"];
     let (scratch, _logs, net, registry) = testbed("supernode_repo", &with_infra(&NODES));
     let catalog = registry.push("small");
@@ -989,22 +1000,6 @@ fn piece_count(size: u64) -> u32 {
 fn contiguous(numbers: impl Iterator<Item = u32>) -> u32 {
     let held: BTreeSet<u32> = numbers.collect();
     (0..).find(|n| !held.contains(n)).unwrap()
-}
-
-/// The supernode (of `addrs`) that owns `digest`'s task: the highest
-/// sha256(digest, 0, address), as src/mesh/supernode_client.rs orders them.
-fn rendezvous_owner<'a>(digest: &str, addrs: &'a [String]) -> &'a str {
-    use sha2::{Digest as _, Sha256};
-    addrs
-        .iter()
-        .max_by_key(|addr| {
-            Sha256::new()
-                .chain_update(digest)
-                .chain_update([0])
-                .chain_update(addr.as_bytes())
-                .finalize()
-        })
-        .expect("a supernode")
 }
 
 /// Each layer of `image` was ingested from the registry by exactly one node,

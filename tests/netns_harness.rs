@@ -27,6 +27,7 @@ const MIB: u64 = 1024 * 1024;
 /// reached each node over its own link.
 #[test]
 fn registry_in_one_host_serves_nodes_in_two_others() {
+    common::require_root!();
     let scratch = Scratch::new();
     let net = TestNet::new(&["registry", "node1", "node2"]);
     let registry = Registry::start_in(&scratch, Some(net.host("registry")));
@@ -79,6 +80,7 @@ fn node_hosts(net: &TestNet) -> impl Iterator<Item = &Host> {
 /// allows, while the same transfer before shaping is far quicker.
 #[test]
 fn shaping_limits_both_directions_of_a_link() {
+    common::require_root!();
     const MBIT: u32 = 50;
     const SIZE: u64 = 8 * MIB;
     let scratch = Scratch::new();
@@ -163,6 +165,7 @@ fn fetch_seconds(client: &Host, server: &Host, size: u64) -> f64 {
 /// `ip netns exec` execs it) inside the host's network namespace.
 #[test]
 fn host_command_runs_the_program_itself_in_the_namespace() {
+    common::require_root!();
     let net = TestNet::new(&["a"]);
     let host = net.host("a");
     let mut child = spawn_sleep(host);
@@ -195,6 +198,7 @@ fn spawn_sleep(host: &Host) -> Child {
 /// it leaves no namespace, no uplink and no process behind.
 #[test]
 fn nothing_is_left_behind_when_a_test_panics() {
+    common::require_root!();
     let left = Mutex::new(None);
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
         let net = TestNet::new(&["a", "b"]);
@@ -232,6 +236,7 @@ fn nothing_is_left_behind_when_a_test_panics() {
 /// inside, is removed by `cleanup_stale` (which every `TestNet::new` runs).
 #[test]
 fn stale_namespaces_of_a_dead_run_are_removed() {
+    common::require_root!();
     let mut exited = Command::new("true").spawn().unwrap();
     exited.wait().unwrap();
     let netns = format!("dfly-{}.zz-stale", exited.id());

@@ -31,6 +31,7 @@ fn samples<'a>(metrics: &'a str, name: &str) -> Vec<(&'a str, u64)> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_login_dfdaemon_declines_once_and_containerd_pulls() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start_secure(&scratch);
     registry.push("small");
@@ -95,6 +96,7 @@ async fn without_a_login_dfdaemon_declines_once_and_containerd_pulls() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_a_login_in_config_json_dfdaemon_unpacks_every_layer() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start_secure(&scratch);
     registry.push("small");

@@ -21,6 +21,7 @@ const SHOWN: usize = 12;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dfdaemon_unpacks_the_tree_containerd_unpacks() {
+    common::require_root!();
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let images = [

@@ -240,6 +240,7 @@ fn a_staged_unpack_commits_atomically_and_is_found_by_its_ref() {
 
 #[test]
 fn an_active_snapshot_takes_its_parents_root_owner_and_mode() {
+    crate::require_root!();
     let (_dir, sn) = open();
     layer(&sn, "base", "", "a");
     let base_fs = sn.lower_dirs("base").unwrap().remove(0);

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use super::image_index::{ConfigRecord, ManifestRecord};
 use super::{Digest, StoreError};
 
+/// Every table: string keys, byte values.
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
 /// Committed blobs, keyed by digest string.
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 /// Piece digests of committed blobs, keyed by digest string; see
@@ -147,57 +150,31 @@ impl Metadata {
     /// Forgets a blob: its labels, its piece record and its image index
     /// record, in one transaction.
     pub fn remove_blob(&self, digest: &str) -> Result<(), StoreError> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| db_error("begin write", e))?;
-        for table in [BLOBS, PIECES, MANIFESTS, CONFIGS] {
-            txn.open_table(table)
-                .map_err(|e| db_error("open table", e))?
-                .remove(digest)
-                .map_err(|e| db_error("remove", e))?;
-        }
-        txn.commit().map_err(|e| db_error("commit", e))
+        self.write(|txn| {
+            [BLOBS, PIECES, MANIFESTS, CONFIGS]
+                .into_iter()
+                .try_for_each(|table| remove(&mut open(txn, table)?, digest))
+        })
     }
 
     /// Records a committed blob's piece digests, unless the blob is gone
     /// (deleted meanwhile): a record never outlives its blob.
     pub fn put_pieces(&self, digest: &str, record: &PieceRecord) -> Result<bool, StoreError> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| db_error("begin write", e))?;
-        let known = {
-            let blobs = txn
-                .open_table(BLOBS)
-                .map_err(|e| db_error("open blobs", e))?;
-            blobs.get(digest).map_err(|e| db_error("get", e))?.is_some()
-        };
-        if known {
-            txn.open_table(PIECES)
-                .map_err(|e| db_error("open pieces", e))?
-                .insert(digest, record.encode().as_slice())
-                .map_err(|e| db_error("insert", e))?;
-        }
-        txn.commit().map_err(|e| db_error("commit", e))?;
-        Ok(known)
+        self.write(|txn| {
+            let known = open(txn, BLOBS)?
+                .get(digest)
+                .map_err(|e| db_error("get", e))?
+                .is_some();
+            if known {
+                put_bytes(&mut open(txn, PIECES)?, digest, &record.encode())?;
+            }
+            Ok(known)
+        })
     }
 
     /// Every piece record, in key order.
     pub fn all_pieces(&self) -> Result<Vec<(String, PieceRecord)>, StoreError> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| db_error("begin read", e))?;
-        let table = txn
-            .open_table(PIECES)
-            .map_err(|e| db_error("open pieces", e))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| db_error("iterate pieces", e))? {
-            let (key, value) = entry.map_err(|e| db_error("read piece record", e))?;
-            out.push((key.value().to_owned(), PieceRecord::decode(value.value())?));
-        }
-        Ok(out)
+        self.entries(PIECES, PieceRecord::decode)
     }
 
     pub fn ingest(&self, reference: &str) -> Result<Option<IngestMeta>, StoreError> {
@@ -211,28 +188,16 @@ impl Metadata {
     /// Records an ingest's last write time, unless the ingest was removed
     /// (aborted) meanwhile: an abort must not be undone by its writer closing.
     pub fn touch_ingest(&self, reference: &str, updated_at: i64) -> Result<(), StoreError> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| db_error("begin write", e))?;
-        {
-            let mut table = txn
-                .open_table(INGESTS)
-                .map_err(|e| db_error("open table", e))?;
-            let current = table
-                .get(reference)
-                .map_err(|e| db_error("get", e))?
-                .map(|v| decode::<IngestMeta>(v.value()))
-                .transpose()?;
-            if let Some(mut meta) = current {
-                meta.updated_at = updated_at;
-                let bytes = serde_json::to_vec(&meta).expect("metadata serializes");
-                table
-                    .insert(reference, bytes.as_slice())
-                    .map_err(|e| db_error("insert", e))?;
+        self.write(|txn| {
+            let mut table = open(txn, INGESTS)?;
+            match read::<IngestMeta>(&table, reference)? {
+                Some(mut meta) => {
+                    meta.updated_at = updated_at;
+                    put_json(&mut table, reference, &meta)
+                }
+                None => Ok(()),
             }
-        }
-        txn.commit().map_err(|e| db_error("commit", e))
+        })
     }
 
     pub fn remove_ingest(&self, reference: &str) -> Result<(), StoreError> {
@@ -241,19 +206,7 @@ impl Metadata {
 
     /// Every ingest ref the database knows, in key order.
     pub fn ingests(&self) -> Result<Vec<(String, IngestMeta)>, StoreError> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| db_error("begin read", e))?;
-        let table = txn
-            .open_table(INGESTS)
-            .map_err(|e| db_error("open ingests", e))?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| db_error("iterate ingests", e))? {
-            let (key, value) = entry.map_err(|e| db_error("read ingest", e))?;
-            out.push((key.value().to_owned(), decode(value.value())?));
-        }
-        Ok(out)
+        self.entries(INGESTS, decode)
     }
 
     /// Indexes a committed manifest, in one transaction with the list of
@@ -286,10 +239,7 @@ impl Metadata {
         &self,
         chain: &str,
     ) -> Result<Vec<(String, ManifestRecord, String, ConfigRecord)>, StoreError> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| db_error("begin read", e))?;
+        let txn = self.begin_read()?;
         let open = |table| txn.open_table(table).map_err(|e| db_error("open table", e));
         let (chains, configs, by_config, manifests) = (
             open(CHAINS)?,
@@ -312,97 +262,114 @@ impl Metadata {
     }
 
     /// Runs `body` in one write transaction and commits it.
-    fn write(
+    fn write<R>(
         &self,
-        body: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
+        body: impl FnOnce(&redb::WriteTransaction) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
         let txn = self
             .db
             .begin_write()
             .map_err(|e| db_error("begin write", e))?;
-        body(&txn)?;
-        txn.commit().map_err(|e| db_error("commit", e))
+        let out = body(&txn)?;
+        txn.commit().map_err(|e| db_error("commit", e))?;
+        Ok(out)
     }
 
-    fn get<T: DeserializeOwned>(
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.db.begin_read().map_err(|e| db_error("begin read", e))
+    }
+
+    fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>, StoreError> {
+        let txn = self.begin_read()?;
+        read(
+            &txn.open_table(table)
+                .map_err(|e| db_error("open table", e))?,
+            key,
+        )
+    }
+
+    /// Every entry of `table`, in key order, its value decoded by `decode`.
+    fn entries<T>(
         &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-    ) -> Result<Option<T>, StoreError> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| db_error("begin read", e))?;
+        table: Table,
+        decode: impl Fn(&[u8]) -> Result<T, StoreError>,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let txn = self.begin_read()?;
         let table = txn
             .open_table(table)
             .map_err(|e| db_error("open table", e))?;
-        let value = table.get(key).map_err(|e| db_error("get", e))?;
-        value.map(|v| decode(v.value())).transpose()
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| db_error("iterate", e))? {
+            let (key, value) = entry.map_err(|e| db_error("read entry", e))?;
+            out.push((key.value().to_owned(), decode(value.value())?));
+        }
+        Ok(out)
     }
 
-    fn put<T: Serialize>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-        value: &T,
-    ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).expect("metadata serializes");
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| db_error("begin write", e))?;
-        {
-            let mut table = txn
-                .open_table(table)
-                .map_err(|e| db_error("open table", e))?;
-            table
-                .insert(key, bytes.as_slice())
-                .map_err(|e| db_error("insert", e))?;
-        }
-        txn.commit().map_err(|e| db_error("commit", e))
+    fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), StoreError> {
+        self.write(|txn| insert(txn, table, key, value))
     }
 
-    fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| db_error("begin write", e))?;
-        {
-            let mut table = txn
-                .open_table(table)
-                .map_err(|e| db_error("open table", e))?;
-            table.remove(key).map_err(|e| db_error("remove", e))?;
-        }
-        txn.commit().map_err(|e| db_error("commit", e))
+    fn remove(&self, table: Table, key: &str) -> Result<(), StoreError> {
+        self.write(|txn| remove(&mut open(txn, table)?, key))
     }
+}
+
+fn open<'t>(
+    txn: &'t redb::WriteTransaction,
+    table: Table,
+) -> Result<redb::Table<'t, &'static str, &'static [u8]>, StoreError> {
+    txn.open_table(table).map_err(|e| db_error("open table", e))
+}
+
+fn put_bytes(
+    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    key: &str,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    table
+        .insert(key, bytes)
+        .map_err(|e| db_error("insert", e))?;
+    Ok(())
+}
+
+fn put_json<T: Serialize>(
+    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    key: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    put_bytes(
+        table,
+        key,
+        &serde_json::to_vec(value).expect("metadata serializes"),
+    )
+}
+
+fn remove(
+    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    key: &str,
+) -> Result<(), StoreError> {
+    table.remove(key).map_err(|e| db_error("remove", e))?;
+    Ok(())
 }
 
 fn insert<T: Serialize>(
     txn: &redb::WriteTransaction,
-    table: TableDefinition<&str, &[u8]>,
+    table: Table,
     key: &str,
     value: &T,
 ) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec(value).expect("metadata serializes");
-    txn.open_table(table)
-        .map_err(|e| db_error("open table", e))?
-        .insert(key, bytes.as_slice())
-        .map_err(|e| db_error("insert", e))?;
-    Ok(())
+    put_json(&mut open(txn, table)?, key, value)
 }
 
 /// Adds `item` to the JSON list at `key` unless it is there already.
 fn append(
     txn: &redb::WriteTransaction,
-    table: TableDefinition<&str, &[u8]>,
+    table: Table,
     key: &str,
     item: &str,
 ) -> Result<(), StoreError> {
-    let mut list = read_list(
-        &txn.open_table(table)
-            .map_err(|e| db_error("open table", e))?,
-        key,
-    )?;
+    let mut list = read_list(&open(txn, table)?, key)?;
     if list.iter().any(|known| known == item) {
         return Ok(());
     }

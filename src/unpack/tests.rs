@@ -118,6 +118,7 @@ fn outside(d: &Dirs) -> Vec<PathBuf> {
 
 #[test]
 fn file_types_modes_owners_times() {
+    crate::require_root!();
     let d = dirs();
     let mut setuid = e("bin/su", EntryType::Regular);
     setuid.mode = 0o4755;
@@ -180,6 +181,7 @@ fn file_types_modes_owners_times() {
 
 #[test]
 fn xattrs_pax_long_names_and_times() {
+    crate::require_root!();
     let d = dirs();
     let long = format!("{}/{}", "d".repeat(120), "f".repeat(150));
     let mut f = e(&long, EntryType::Regular);
@@ -205,6 +207,7 @@ fn xattrs_pax_long_names_and_times() {
 
 #[test]
 fn replace_whiteouts_and_opaque() {
+    crate::require_root!();
     let d = dirs();
     let mut f = e("x", EntryType::Regular);
     f.body = b"file";
@@ -235,6 +238,7 @@ fn replace_whiteouts_and_opaque() {
 
 #[test]
 fn implicit_parents_copy_lower_attrs_and_inherit() {
+    crate::require_root!();
     let d = dirs();
     let lower = d.sentinel.join("lower");
     fs::create_dir_all(lower.join("usr/lib")).unwrap();
@@ -277,6 +281,7 @@ fn implicit_parents_copy_lower_attrs_and_inherit() {
 
 #[test]
 fn diff_id_covers_the_whole_stream_in_every_compression() {
+    crate::require_root!();
     let mut f = e("f", EntryType::Regular);
     let body = vec![7u8; 100_000];
     f.body = &body;
@@ -345,6 +350,7 @@ fn media_types() {
 
 #[test]
 fn detect_reads_gzip_zstd_and_plain_tars() {
+    crate::require_root!();
     let mut f = e("f", EntryType::Regular);
     f.body = b"detected";
     let t = tar(&[f]);
@@ -368,6 +374,7 @@ fn detect_reads_gzip_zstd_and_plain_tars() {
 
 #[test]
 fn hardlink_to_a_symlink_links_the_symlink_and_chmods_nothing() {
+    crate::require_root!();
     let d = dirs();
     let outside = d.sentinel.join("outside");
     fs::write(&outside, b"host").unwrap();
@@ -398,6 +405,7 @@ fn hardlink_to_a_symlink_links_the_symlink_and_chmods_nothing() {
 
 #[test]
 fn pax_ids_beyond_ustar_and_trusted_xattrs_ignored() {
+    crate::require_root!();
     let d = dirs();
     let mut f = e("f", EntryType::Regular);
     f.pax = vec![
@@ -419,6 +427,7 @@ fn pax_ids_beyond_ustar_and_trusted_xattrs_ignored() {
 
 #[test]
 fn whiteouts_over_layers_are_mode_0_devices_of_the_entry_owner() {
+    crate::require_root!();
     let d = dirs();
     let mut w = e("a/.wh.gone", EntryType::Regular);
     w.uid = 7;
@@ -430,6 +439,7 @@ fn whiteouts_over_layers_are_mode_0_devices_of_the_entry_owner() {
 
 #[test]
 fn bottom_layer_whiteouts_remove_and_opaque_keeps_only_this_layers_entries() {
+    crate::require_root!();
     let d = dirs();
     let t = tar(&[
         e("a", EntryType::Regular),
@@ -462,6 +472,7 @@ fn bottom_layer_whiteouts_remove_and_opaque_keeps_only_this_layers_entries() {
 
 #[test]
 fn symlinked_parents_resolve_inside_the_root() {
+    crate::require_root!();
     let d = dirs();
     let link = |name, target| {
         let mut l = e(name, EntryType::Symlink);
@@ -499,6 +510,7 @@ fn symlinked_parents_resolve_inside_the_root() {
 
 #[test]
 fn implicit_parents_follow_lower_symlinks_and_skip_trusted_xattrs() {
+    crate::require_root!();
     let d = dirs();
     let lower = d.sentinel.join("lower");
     fs::create_dir_all(lower.join("usr/lib")).unwrap();
@@ -556,6 +568,7 @@ fn bad_layers_write_nothing_outside() {
 
 #[test]
 fn absolute_names_land_under_root() {
+    crate::require_root!();
     let d = dirs();
     let mut dot = e("./", EntryType::Directory);
     dot.mode = 0o700;
@@ -598,6 +611,7 @@ fn truncated_gzip_is_a_compression_error() {
 
 #[test]
 fn times_out_of_range_are_the_epoch() {
+    crate::require_root!();
     let d = dirs();
     let timed = |name, mtime: &'static [u8]| {
         let mut f = e(name, EntryType::Regular);
@@ -627,6 +641,7 @@ fn times_out_of_range_are_the_epoch() {
 
 #[test]
 fn implicit_dirs_end_alike_applied_over_parents_or_inherited_later() {
+    crate::require_root!();
     let d = dirs();
     let lower = d.sentinel.join("lower");
     for dir in ["described", "childless", "written"] {

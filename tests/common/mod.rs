@@ -5,6 +5,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod loopback;
 pub mod mesh;
 pub mod netns;
 pub mod oci;
@@ -31,6 +32,11 @@ use sha2::{Digest as _, Sha256};
 use netns::{Host, command_in};
 use secure_registry::Secured;
 
+/// `require_root!()` first in a test that needs root: skips it as another
+/// user (see [`damselfly::needs_root`]).
+#[allow(unused_imports)] // not every test binary has a root-only test
+pub use damselfly::require_root;
+
 /// How long a process may take to come up.
 const STARTUP: Duration = Duration::from_secs(30);
 
@@ -42,7 +48,6 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Self {
-        require_root();
         let dir = tempfile::Builder::new()
             .prefix("dfly-")
             .tempdir_in("/tmp")
@@ -79,10 +84,12 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
-fn require_root() {
+/// Panics unless root: what needs it (containerd, netns) checks, so a test
+/// that forgot [`require_root!`] fails with this line, not an obscure one.
+pub fn assert_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
-        "integration tests drive containerd and mounts: run them as root"
+        "containerd and network namespaces need root: start the test with common::require_root!()"
     );
 }
 
@@ -643,6 +650,7 @@ impl Containerd {
         snapshot_socket: Option<&Path>,
         registry: impl Into<Upstream<'a>>,
     ) -> Self {
+        assert_root();
         let dir = scratch.join(name);
         let certs = dir.join("certs.d");
         registry.into().write_hosts_toml(&certs);
@@ -1043,4 +1051,20 @@ pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bo
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         sleep(Duration::from_millis(10));
     }
+}
+
+/// The supernode (of `addrs`) that owns `digest`'s task: the highest
+/// sha256(digest, 0, address), as src/mesh/supernode_client.rs orders them.
+pub fn rendezvous_owner<'a>(digest: &str, addrs: &'a [String]) -> &'a str {
+    use sha2::{Digest as _, Sha256};
+    addrs
+        .iter()
+        .max_by_key(|addr| {
+            Sha256::new()
+                .chain_update(digest)
+                .chain_update([0])
+                .chain_update(addr.as_bytes())
+                .finalize()
+        })
+        .expect("a supernode")
 }

@@ -104,6 +104,7 @@ impl TestNet {
     /// Panics, naming the failed command and its stderr, if a step fails
     /// (whatever was created by then is removed).
     pub fn new(hosts: &[&str]) -> Self {
+        super::assert_root();
         check_host_names(hosts);
         cleanup_stale();
         let id = next_id();
