@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::loopback::{LoopNode, LoopSupernode, blob};
 use common::{rendezvous_owner, wait_for};
 use damselfly::mesh::supernode_client::SupernodeError;
+use damselfly::mesh::transfer::FailureKind;
 use damselfly::protocol::api::{JoinRequest, Role};
 use damselfly::store::Digest;
 
@@ -49,7 +50,10 @@ fn a_blob_ingested_on_one_node_is_downloaded_by_two_others_from_peers() {
         );
         assert_eq!(node.stat(|s| &s.peer_bytes), SIZE as u64);
         assert_eq!(node.stat(|s| &s.pieces_fetched), 3);
-        assert_eq!(node.stat(|s| &s.bad_pieces), 0);
+        assert_eq!(
+            node.stat(|s| &s.piece_failures[FailureKind::BadDigest as usize]),
+            0
+        );
         let (mut file, size) = node.store.open_blob(&digest).unwrap();
         let mut copy = Vec::new();
         std::io::Read::read_to_end(&mut file, &mut copy).unwrap();

@@ -166,10 +166,12 @@ impl Drop for BlobSession {
     fn drop(&mut self) {
         let Some(task) = &self.task else { return };
         self.mesh.tasks.finish(task);
-        if !self.committed {
+        // Outside a runtime (the daemon is shutting down) nobody is told:
+        // the supernode expires the host instead.
+        if let (false, Ok(runtime)) = (self.committed, tokio::runtime::Handle::try_current()) {
             let mesh = self.mesh.clone();
             let digest = task.digest.clone();
-            tokio::spawn(async move { mesh.leave(&digest).await });
+            runtime.spawn(async move { mesh.leave(&digest).await });
         }
     }
 }
