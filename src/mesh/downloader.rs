@@ -33,6 +33,10 @@ use crate::store::{Digest, Ingest, StoreError};
 
 /// How long the supernode may hold a Schedule that has nothing to assign.
 const SCHEDULE_WAIT: Duration = Duration::from_secs(1);
+/// Pieces offered to the supernode per free download slot: a wide choice
+/// lets it spread downloaders over different pieces (rarest first) instead
+/// of all waiting on the same few holders of the next pieces in order.
+const WANTED_PER_SLOT: usize = 8;
 /// Pause before asking again after a Schedule failed.
 const RESCHEDULE: Duration = Duration::from_millis(150);
 /// How many stall timeouts a download waits for the first piece to exist.
@@ -223,22 +227,22 @@ impl Download<'_> {
         {
             return;
         }
-        let wanted = self
-            .task
-            .missing_from(self.contiguous, parallelism * 2, &self.in_flight);
+        let wanted = self.task.missing_from(
+            self.contiguous,
+            parallelism * WANTED_PER_SLOT,
+            &self.in_flight,
+        );
         let request = ScheduleRequest {
             host_id: self.mesh.supernodes.host().id.clone(),
             digest: self.task.digest.to_string(),
             wanted,
             contiguous: self.ingest.offset(),
             max_assignments: free as u32,
-            // Hold the call only when nothing is in flight: a finished
-            // transfer frees a slot, and a held call could not use it.
-            wait_ms: if self.in_flight.is_empty() {
-                SCHEDULE_WAIT.as_millis() as u32
-            } else {
-                0
-            },
+            // The supernode answers at once when it can assign anything;
+            // otherwise it holds the call until a piece appears or a parent
+            // frees a slot (this node's own finished transfers included:
+            // they are announced, which wakes the call).
+            wait_ms: SCHEDULE_WAIT.as_millis() as u32,
         };
         let mesh = self.mesh.clone();
         let digest = self.task.digest.clone();

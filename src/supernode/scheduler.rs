@@ -21,8 +21,14 @@
 //! piece leaves the ingester once, then spreads from its copies, doubling:
 //! without this, every downloader that caught up took each new piece from the
 //! ingester, whose uplink then carried several copies of the blob and paced
-//! the whole rollout); and while some downloaders of a task wait with nothing, each call gets only
-//! [`MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT`] assignments. Any request from a host
+//! the whole rollout); a downloader that reports a piece received holds it
+//! from that report on (its Announce comes a moment later, and meanwhile the
+//! piece would have been sent again); the ingester's uplink is kept for the
+//! pieces only it holds (anything someone else has comes from them); the
+//! supernode's repo copies in the background, one piece at a time from an
+//! idle holder other than the ingester, never taking a slot a node could
+//! use; and while some downloaders of a task wait with nothing, each call
+//! gets only [`MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT`] assignments. Any request from a host
 //! counts as a sign of life, like a heartbeat.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -421,7 +427,8 @@ impl Scheduler {
             let Some(parent) = self.hosts.slot_of(parent_id) else {
                 continue; // Expired: its uploads went with it.
             };
-            if self.hosts.finish_upload(parent, task_id, reporter, number) {
+            let assigned = self.hosts.finish_upload(parent, task_id, reporter, number);
+            if assigned {
                 let task = self.tasks.get_mut(&task_id).expect("live task");
                 task.pieces[number as usize].transfer_ended();
             }
@@ -434,6 +441,14 @@ impl Scheduler {
                     self.ban(task_id, parent, why);
                 }
                 Outcome::Failed => self.count_failure(task_id, slot, parent),
+                // The reporter verified the assigned piece and serves it
+                // from now on: counting it as a holder at once (its Announce
+                // follows a moment later) keeps the piece from being sent
+                // again meanwhile by the parent, often the ingester.
+                Outcome::Ok if assigned => {
+                    let task = self.tasks.get_mut(&task_id).expect("live task");
+                    task.add_piece(slot, number);
+                }
                 _ => {}
             }
         }
@@ -695,8 +710,21 @@ fn assign(
     let downloader = hosts.reference(caller);
     let mut eligible = hosts.eligible_parents(caller, &task.members[&caller].bad_parents);
     let mut assignments = Vec::new();
+    let background = hosts.get(caller).supernode;
+    if background {
+        eligible = hosts.idle_among(&eligible);
+        if let Some(ingester) = task.ingester {
+            eligible.remove(ingester);
+        }
+    }
     if eligible.is_empty() {
         return assignments;
+    }
+    // The ingester's uplink is kept for the pieces only it holds: a piece
+    // someone else has is fetched from them.
+    let mut beside_ingester = eligible.clone();
+    if let Some(ingester) = task.ingester {
+        beside_ingester.remove(ingester);
     }
     for number in wanted {
         if assignments.len() == limit {
@@ -709,7 +737,14 @@ fn assign(
         if piece.in_flight >= piece.holder_count {
             continue;
         }
-        let Some(parent) = hosts.least_loaded(&piece.holders, piece.cursor, &eligible) else {
+        let only_ingester =
+            task.ingester.is_some_and(|i| piece.holders.contains(i)) && piece.holder_count == 1;
+        let parents = if only_ingester {
+            &eligible
+        } else {
+            &beside_ingester
+        };
+        let Some(parent) = hosts.least_loaded(&piece.holders, piece.cursor, parents) else {
             continue;
         };
         piece.cursor = parent + 1;
@@ -732,8 +767,9 @@ fn assign(
                 supernode: parent_host.supernode,
             }),
         });
-        if hosts.at_cap(parent) {
+        if background || hosts.at_cap(parent) {
             eligible.remove(parent);
+            beside_ingester.remove(parent);
             if eligible.is_empty() {
                 break;
             }
@@ -920,6 +956,17 @@ impl Hosts {
             }
         }
         eligible
+    }
+
+    /// The hosts of `among` that serve no upload now.
+    fn idle_among(&self, among: &Bits) -> Bits {
+        let mut idle = Bits::default();
+        for slot in among.iter() {
+            if self.get(slot).load() == 0 {
+                idle.insert(slot);
+            }
+        }
+        idle
     }
 
     /// The least-loaded `eligible` holder, the first from `start` on

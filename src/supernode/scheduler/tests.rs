@@ -427,7 +427,8 @@ fn a_parent_at_the_upload_cap_gets_no_more_until_reports_free_it() {
         ..Default::default()
     };
     mesh.report_all("b", &freed, Outcome::Ok);
-    assert_eq!(mesh.schedule("c", 0..20).assignments.len(), 3);
+    // (Pieces 0..3 are b's now; c asks for those only a holds.)
+    assert_eq!(mesh.schedule("c", 3..20).assignments.len(), 3);
     assert!(mesh.schedule("c", 20..40).assignments.is_empty());
 }
 
@@ -443,8 +444,8 @@ fn while_others_wait_with_nothing_a_call_gets_few_assignments() {
     // x waits with nothing: w gets only a few of the freed slots...
     let second = mesh.schedule("w", 8..PIECES);
     assert_eq!(second.assignments.len(), MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT);
-    // ...and x the rest.
-    assert_eq!(mesh.schedule("x", 0..PIECES).assignments.len(), 4);
+    // ...and x the rest (of a's slots: it asks for what only a holds).
+    assert_eq!(mesh.schedule("x", 8..PIECES).assignments.len(), 4);
 }
 
 #[test]
@@ -601,7 +602,10 @@ fn the_downloader_with_the_most_contiguous_bytes_takes_over_alone() {
     // b and c got piece 0 and 0..2; c is furthest.
     mesh.announce("b", held([0], false)).unwrap();
     mesh.announce("c", held(0..2, false)).unwrap();
-    assert!(!mesh.schedule_at("b", [1, 2], PIECE).take_over);
+    // Piece 1 comes from c, not from the ingester a.
+    let first = mesh.schedule_at("b", [1, 2], PIECE);
+    assert!(!first.take_over);
+    assert_eq!(parents(&first), ["c"]);
     assert!(!mesh.schedule_at("c", [2, 3], 2 * PIECE).take_over);
     mesh.events();
 
@@ -609,7 +613,6 @@ fn the_downloader_with_the_most_contiguous_bytes_takes_over_alone() {
     // b asks first but c holds more: b is told nothing and waits.
     let wait = mesh.schedule_at("b", [1, 2], PIECE);
     assert!(!wait.take_over);
-    assert_eq!(parents(&wait), ["c"]);
     let wait = mesh.schedule_at("b", [2], PIECE);
     assert!(!wait.take_over && wait.assignments.is_empty());
     assert!(mesh.schedule_at("c", [2, 3], 2 * PIECE).take_over);
@@ -958,4 +961,76 @@ fn a_supernode_repo_never_ingests_and_is_named_as_such_to_downloaders() {
     let parent = response.assignments[0].parent.as_ref().unwrap();
     assert_eq!(parent.host_id, "repo");
     assert!(parent.supernode);
+}
+
+/// Registers `id` and has it join first, so it is the blob's ingester, with
+/// `pieces` announced.
+fn ingester(mesh: &mut Mesh, id: &str, pieces: std::ops::Range<u32>) {
+    mesh.register(id, vec![]);
+    assert_eq!(mesh.join(id), Role::Ingest);
+    mesh.announce(id, held(pieces, false)).unwrap();
+}
+
+#[test]
+fn a_verified_piece_counts_as_held_from_its_report_on() {
+    let mut mesh = Mesh::new();
+    ingester(&mut mesh, "a", 0..1);
+    mesh.joiners(&["b", "c"]);
+    assert_eq!(parents(&mesh.schedule("b", [0])), ["a"]);
+    // b's Announce has not come yet: its report alone makes it a holder, so
+    // the piece is not sent by the ingester a second time.
+    mesh.report("b", &[(0, "a", Outcome::Ok)]);
+    assert_eq!(parents(&mesh.schedule("c", [0])), ["b"]);
+}
+
+#[test]
+fn the_ingesters_uplink_is_kept_for_the_pieces_only_it_holds() {
+    let mut mesh = Mesh::with_cap(1);
+    ingester(&mut mesh, "a", 0..2);
+    mesh.joiners(&["b", "c", "d"]);
+    mesh.announce("b", held(0..1, false)).unwrap();
+    let c = mesh.schedule("c", [0, 1]);
+    let mut got: Vec<_> = c
+        .assignments
+        .iter()
+        .map(|a| (a.number, parent_of(a)))
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, [(0, "b"), (1, "a")]);
+    // b is busy and a is idle again, yet d waits for b rather than take
+    // piece 0 from the ingester.
+    mesh.report("c", &[(1, "a", Outcome::Ok)]);
+    assert!(mesh.schedule("d", [0]).assignments.is_empty());
+    // Once the ingest is complete, the former ingester is a holder like any.
+    mesh.announce("a", held(0..PIECES, true)).unwrap();
+    assert_eq!(parents(&mesh.schedule("d", [0])), ["a"]);
+}
+
+#[test]
+fn the_repo_copies_only_from_idle_hosts_other_than_the_ingester() {
+    let mut mesh = Mesh::new();
+    ingester(&mut mesh, "a", 0..4);
+    mesh.joiners(&["b", "c"]);
+    mesh.announce("b", held(0..1, false)).unwrap();
+    assert_eq!(parents(&mesh.schedule("c", [0])), ["b"]);
+    let repo = RegisterRequest {
+        host: Some(api::Host {
+            id: "repo".into(),
+            ip: "10.0.0.9".into(),
+            upload_port: 8001,
+            supernode: true,
+        }),
+        blobs: vec![],
+    };
+    mesh.scheduler.register(&repo, mesh.now).unwrap();
+    assert_eq!(mesh.join("repo"), Role::Download);
+    // b is uploading and a ingests: the repo's background copy waits.
+    assert!(mesh.schedule("repo", [0, 1, 2, 3]).assignments.is_empty());
+    // b and c (which holds piece 0 from its report on) are idle: one piece
+    // from either, none of the ingester's.
+    mesh.report("c", &[(0, "b", Outcome::Ok)]);
+    let response = mesh.schedule("repo", [0, 1, 2, 3]);
+    assert_eq!(numbers(&response), [0]);
+    let from = parents(&response);
+    assert!(from == ["b"] || from == ["c"], "{from:?}");
 }
