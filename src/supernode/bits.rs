@@ -47,6 +47,13 @@ impl Bits {
         }
     }
 
+    /// Keeps only the members that are also in `other`.
+    pub(crate) fn intersect_with(&mut self, other: &Bits) {
+        for (index, word) in self.words.iter_mut().enumerate() {
+            *word &= other.words.get(index).copied().unwrap_or(0);
+        }
+    }
+
     /// Whether the set has no member.
     pub(crate) fn is_empty(&self) -> bool {
         self.words.iter().all(|&w| w == 0)
@@ -142,6 +149,9 @@ mod tests {
         let mut union = of(&[1]);
         union.union_with(&bits);
         assert_eq!(union.iter().collect::<Vec<_>>(), [1, 3, 200]);
+        let mut common = of(&[1, 3, 70, 200, 300]);
+        common.intersect_with(&of(&[3, 200]));
+        assert_eq!(common.iter().collect::<Vec<_>>(), [3, 200]);
         bits.remove(3);
         bits.remove(200);
         assert!(bits.is_empty());

@@ -710,21 +710,21 @@ fn assign(
     let downloader = hosts.reference(caller);
     let mut eligible = hosts.eligible_parents(caller, &task.members[&caller].bad_parents);
     let mut assignments = Vec::new();
-    let background = hosts.get(caller).supernode;
-    if background {
-        eligible = hosts.idle_among(&eligible);
-        if let Some(ingester) = task.ingester {
-            eligible.remove(ingester);
-        }
-    }
-    if eligible.is_empty() {
-        return assignments;
-    }
     // The ingester's uplink is kept for the pieces only it holds: a piece
     // someone else has is fetched from them.
     let mut beside_ingester = eligible.clone();
     if let Some(ingester) = task.ingester {
         beside_ingester.remove(ingester);
+    }
+    // The repo copies in the background: only from idle hosts, never the
+    // ingester.
+    let background = hosts.get(caller).supernode;
+    if background {
+        beside_ingester.intersect_with(hosts.idle());
+        eligible = beside_ingester.clone();
+    }
+    if eligible.is_empty() {
+        return assignments;
     }
     for number in wanted {
         if assignments.len() == limit {
@@ -958,15 +958,9 @@ impl Hosts {
         eligible
     }
 
-    /// The hosts of `among` that serve no upload now.
-    fn idle_among(&self, among: &Bits) -> Bits {
-        let mut idle = Bits::default();
-        for slot in among.iter() {
-            if self.get(slot).load() == 0 {
-                idle.insert(slot);
-            }
-        }
-        idle
+    /// The hosts that serve no upload now.
+    fn idle(&self) -> &Bits {
+        &self.by_load[0]
     }
 
     /// The least-loaded `eligible` holder, the first from `start` on

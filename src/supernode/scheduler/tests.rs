@@ -78,6 +78,20 @@ impl Mesh {
         assert_eq!(response.heartbeat_ms, 1000);
     }
 
+    /// Registers `id` as a supernode's repo, holding nothing.
+    fn register_repo(&mut self, id: &str) {
+        let request = RegisterRequest {
+            host: Some(api::Host {
+                id: id.into(),
+                ip: "10.0.0.9".into(),
+                upload_port: 8001,
+                supernode: true,
+            }),
+            blobs: vec![],
+        };
+        self.scheduler.register(&request, self.now).unwrap();
+    }
+
     /// Registers hosts that hold the whole blob.
     fn seeds(&mut self, ids: &[&str]) {
         for id in ids {
@@ -937,16 +951,7 @@ fn a_freshly_started_scheduler_elects_no_ingester_during_recovery() {
 #[test]
 fn a_supernode_repo_never_ingests_and_is_named_as_such_to_downloaders() {
     let mut mesh = Mesh::new();
-    let repo = RegisterRequest {
-        host: Some(api::Host {
-            id: "repo".into(),
-            ip: "10.0.0.9".into(),
-            upload_port: 8001,
-            supernode: true,
-        }),
-        blobs: vec![],
-    };
-    mesh.scheduler.register(&repo, mesh.now).unwrap();
+    mesh.register_repo("repo");
     // First to want the blob, yet no registry fetch, now or as a take-over.
     assert_eq!(mesh.join("repo"), Role::Download);
     assert!(!mesh.schedule("repo", [0]).take_over);
@@ -1013,16 +1018,7 @@ fn the_repo_copies_only_from_idle_hosts_other_than_the_ingester() {
     mesh.joiners(&["b", "c"]);
     mesh.announce("b", held(0..1, false)).unwrap();
     assert_eq!(parents(&mesh.schedule("c", [0])), ["b"]);
-    let repo = RegisterRequest {
-        host: Some(api::Host {
-            id: "repo".into(),
-            ip: "10.0.0.9".into(),
-            upload_port: 8001,
-            supernode: true,
-        }),
-        blobs: vec![],
-    };
-    mesh.scheduler.register(&repo, mesh.now).unwrap();
+    mesh.register_repo("repo");
     assert_eq!(mesh.join("repo"), Role::Download);
     // b is uploading and a ingests: the repo's background copy waits.
     assert!(mesh.schedule("repo", [0, 1, 2, 3]).assignments.is_empty());
