@@ -23,10 +23,15 @@ const DATA_SIZE: u64 = (512 << 20) + 4093;
 /// How long the CRI pull may take to reach the unpack, and the retry to
 /// succeed once dfdaemon is back (containerd reconnects with a backoff).
 const PATIENCE: Duration = Duration::from_secs(120);
+/// The two tests here run one at a time: each pushes the 512 MiB `large` set
+/// into a registry of its own and pulls it, about 2 GiB of disk and both of
+/// CI's cores each, and side by side they ran CI's /tmp out of space.
+static ONE_LARGE_PULL_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_mid_unpack_leaves_nothing_half_made_and_gc_frees_it_all() {
     common::require_root!();
+    let _turn = ONE_LARGE_PULL_AT_A_TIME.lock().await;
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("large");
@@ -150,6 +155,7 @@ async fn killed_mid_unpack_leaves_nothing_half_made_and_gc_frees_it_all() {
 #[tokio::test(flavor = "multi_thread")]
 async fn gc_while_a_layer_streams_keeps_it_on_the_fast_path() {
     common::require_root!();
+    let _turn = ONE_LARGE_PULL_AT_A_TIME.lock().await;
     let scratch = Scratch::new();
     let registry = Registry::start(&scratch);
     let catalog = registry.push("large");
