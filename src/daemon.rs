@@ -49,7 +49,8 @@ pub struct DaemonConfig {
 /// Runs the daemon until a termination signal. With both plugins served,
 /// the snapshotter takes containerd's remote-snapshot fast path.
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
-    crate::store::private_dir(&config.data_dir)
+    crate::store::require_blocking_runtime()?;
+    tokio::task::block_in_place(|| crate::store::private_dir(&config.data_dir))
         .with_context(|| format!("make the data dir {} private", config.data_dir.display()))?;
     let nofile = crate::mesh::limits::raise_nofile();
     tracing::info!(nofile, "open-files limit");
@@ -75,7 +76,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 store: store.clone(),
                 snapshotter: snapshotter.clone(),
                 mesh: mesh.clone(),
-                registries: Arc::new(Registries::new(config.registry.clone())?),
+                registries: Arc::new(tokio::task::block_in_place(|| {
+                    Registries::new(config.registry.clone())
+                })?),
                 containerd: Arc::new(Containerd::new(config.containerd_socket.clone())),
             }))
         }

@@ -332,7 +332,8 @@ impl FastPath {
         match self.config.containerd.sources(namespace, manifest).await {
             Ok(sources) => {
                 let (label, repository) = sources.into_iter().next()?;
-                match self.config.registries.source_host(&label) {
+                // Reads the hosts dir.
+                match block_in_place(|| self.config.registries.source_host(&label)) {
                     Ok(host) => Some((host, repository)),
                     Err(e) => {
                         tracing::warn!(%manifest, error = %e, "bad distribution source label");

@@ -64,7 +64,7 @@ pub async fn download(
     supernode: &str,
     verified: Option<&watch::Sender<u64>>,
 ) -> Result<DownloadEnd, StoreError> {
-    let file = Arc::new(ingest.data_file()?);
+    let file = Arc::new(block_in_place(|| ingest.data_file())?);
     block_in_place(|| ingest.begin_out_of_order())?;
     let announce = Arc::new(Notify::new());
     let done = CancellationToken::new();

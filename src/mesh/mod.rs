@@ -85,6 +85,7 @@ pub struct Mesh {
 impl Mesh {
     /// Binds the piece server and starts heartbeats to the supernodes.
     pub async fn start(config: MeshConfig, store: Arc<Store>) -> anyhow::Result<Arc<Self>> {
+        crate::store::require_blocking_runtime()?;
         let host = Host {
             id: format!("{}:{}", config.advertise_ip, config.upload_port),
             ip: config.advertise_ip.to_string(),

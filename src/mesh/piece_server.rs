@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::block_in_place;
 use tokio::time::timeout;
 
 use super::limits;
@@ -280,7 +281,7 @@ impl PieceServer {
             self.stats.rejected_busy.fetch_add(1, Ordering::Relaxed);
             return respond_error(stream, 503, "all upload slots busy").await;
         };
-        let Some(mut piece) = self.locate(&digest, number) else {
+        let Some(mut piece) = block_in_place(|| self.locate(&digest, number)) else {
             return respond_error(stream, 404, "piece not held").await;
         };
         let head = match range {
@@ -504,7 +505,9 @@ async fn respond_error(stream: &mut TcpStream, code: u16, why: &str) -> io::Resu
 
 async fn send_corrupted(stream: &mut TcpStream, piece: &Located) -> io::Result<()> {
     let mut data = vec![0u8; piece.len as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&piece.file, &mut data, piece.offset)?;
+    block_in_place(|| {
+        std::os::unix::fs::FileExt::read_exact_at(&piece.file, &mut data, piece.offset)
+    })?;
     if let Some(first) = data.first_mut() {
         *first ^= 0xff;
     }

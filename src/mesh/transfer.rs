@@ -9,6 +9,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::task::block_in_place;
 use tokio::time::timeout;
 
 use crate::store::Digest;
@@ -140,7 +141,7 @@ pub async fn fetch(transfer: &Transfer, file: &File) -> Result<(), FetchError> {
         if !pending.is_empty() {
             let take = pending.len().min((transfer.len - written) as usize);
             hasher.update(&pending[..take]);
-            file.write_all_at(&pending[..take], transfer.start + written)
+            block_in_place(|| file.write_all_at(&pending[..take], transfer.start + written))
                 .map_err(FetchError::Write)?;
             written += take as u64;
             pending.clear();

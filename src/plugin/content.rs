@@ -45,9 +45,7 @@ impl ContentService {
 impl Content for ContentService {
     async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         let digest = parse_digest(&request.get_ref().digest)?;
-        // Cheap (a stat and a read transaction), and containerd asks for it
-        // before every read: no thread hop.
-        let info = self.store.info(&digest)?;
+        let info = block_in_place(|| self.store.info(&digest))?;
         Ok(Response::new(InfoResponse {
             info: Some(info_message(info)),
         }))
@@ -107,7 +105,7 @@ impl Content for ContentService {
     ) -> Result<Response<Self::ReadStream>, Status> {
         let request = request.into_inner();
         let digest = parse_digest(&request.digest)?;
-        let (file, size) = self.store.open_blob(&digest)?;
+        let (file, size) = block_in_place(|| self.store.open_blob(&digest))?;
         let offset = request.offset.max(0);
         if offset > size {
             return Err(Status::out_of_range(format!(
@@ -122,9 +120,10 @@ impl Content for ContentService {
         };
         // containerd reads through a proxy store 32 KiB at a time, one Read
         // call each: such small reads are answered on the spot, from the page
-        // cache, without a thread hop or a channel.
+        // cache, without a channel.
         if len as usize <= READ_CHUNK {
-            let chunk = (len > 0).then(|| read_chunk(&file, &digest, offset, len as usize));
+            let chunk = (len > 0)
+                .then(|| block_in_place(|| read_chunk(&file, &digest, offset, len as usize)));
             return Ok(Response::new(Box::pin(futures::stream::iter(chunk))));
         }
         let (tx, rx) = mpsc::channel(2);
@@ -148,8 +147,7 @@ impl Content for ContentService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        // Cheap: a stat and a read transaction.
-        let status = self.store.status(&request.get_ref().r#ref)?;
+        let status = block_in_place(|| self.store.status(&request.get_ref().r#ref))?;
         Ok(Response::new(StatusResponse {
             status: Some(status_message(status)),
         }))

@@ -157,7 +157,9 @@ impl Registries {
         let host = RegistryHost::parse(host)?;
         let repository = Repository::parse(repository)?;
         let mut last_error = None;
-        for endpoint in self.route(&host)?.iter() {
+        // The first fetch from a host reads its hosts.toml and TLS files.
+        let route = tokio::task::block_in_place(|| self.route(&host))?;
+        for endpoint in route.iter() {
             match endpoint.open_blob(&repository, digest, offset).await {
                 Ok(stream) => return Ok(stream),
                 Err(error) => {

@@ -9,6 +9,20 @@
 //!
 //! No path is built from a ref or a digest that was not validated: ingest
 //! directories are named by the hash of the ref, blobs by a parsed [`Digest`].
+//!
+//! # Blocking work: one rule
+//!
+//! The store is synchronous: its calls do file I/O, fsync and redb
+//! transactions, and may wait on a ref's lock. Async code of the whole crate
+//! reaches it, and every other blocking call (opening, reading or writing a
+//! file, reading a config file), through [`tokio::task::block_in_place`],
+//! never inline on a runtime worker; a long blocking loop with nothing to
+//! await (an unpacker, a streamed read) runs on `spawn_blocking` instead.
+//! `block_in_place` needs tokio's multi-threaded runtime and panics on a
+//! current-thread one, so everything that starts async work on the store
+//! ([`crate::daemon::run`], [`crate::supernode::serve`],
+//! [`crate::mesh::Mesh::start`]) first calls [`require_blocking_runtime`],
+//! which refuses any other runtime with a clear error.
 
 pub mod image_index;
 mod import;
@@ -53,6 +67,27 @@ pub const OWN_REF_PREFIX: &str = ".damselfly/";
 /// Whether `reference` names one of dfdaemon's own ingests.
 pub fn is_own_ref(reference: &str) -> bool {
     reference.starts_with(OWN_REF_PREFIX)
+}
+
+/// The runtime async code runs on cannot reach the store (see the module
+/// doc, "Blocking work: one rule").
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "damselfly needs tokio's multi-threaded runtime (it reaches the store through \
+     block_in_place), not {0}"
+)]
+pub struct WrongRuntime(&'static str);
+
+/// Checks that the current runtime can run `block_in_place`: a tokio
+/// multi-threaded runtime.
+pub fn require_blocking_runtime() -> Result<(), WrongRuntime> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => Ok(()),
+        Ok(RuntimeFlavor::CurrentThread) => Err(WrongRuntime("a current-thread runtime")),
+        Ok(_) => Err(WrongRuntime("an unknown runtime flavour")),
+        Err(_) => Err(WrongRuntime("no runtime")),
+    }
 }
 
 /// Errors of the store, one variant per gRPC status class they map to.
@@ -594,6 +629,24 @@ mod tests {
         ingest
             .commit(data.len() as i64, None, HashMap::new())
             .unwrap()
+    }
+
+    #[test]
+    fn only_the_multi_threaded_runtime_can_reach_the_store() {
+        assert!(require_blocking_runtime().is_err(), "outside any runtime");
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let refused = current.block_on(async { require_blocking_runtime() });
+        let message = refused.expect_err("a current-thread runtime").to_string();
+        assert!(message.contains("current-thread"), "{message}");
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        multi
+            .block_on(async { require_blocking_runtime() })
+            .unwrap();
     }
 
     #[test]

@@ -129,6 +129,7 @@ pub async fn serve(
     repo: Option<Arc<Repo>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    crate::store::require_blocking_runtime()?;
     let grpc_addr = grpc.local_addr().context("gRPC listener address")?;
     let mut registry = Registry::default();
     let new_blobs = repo.map(|repo| {
@@ -181,7 +182,7 @@ mod tests {
     use crate::protocol::api::{HeartbeatRequest, Host, JoinRequest, RegisterRequest, Role};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread")]
     async fn serves_the_mesh_api_and_metrics_until_shutdown() {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -87,7 +87,7 @@ impl Repo {
     /// channel closes.
     pub async fn copy_all(self: Arc<Self>, mut new_blobs: mpsc::UnboundedReceiver<(Digest, u64)>) {
         while let Some((digest, size)) = new_blobs.recv().await {
-            if size > self.max_bytes || self.store.blob_path(&digest).exists() {
+            if size > self.max_bytes || block_in_place(|| self.store.blob_path(&digest).exists()) {
                 continue;
             }
             if !self.copying.lock().expect("copying").insert(digest.clone()) {
