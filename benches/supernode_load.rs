@@ -77,15 +77,13 @@ async fn main() -> anyhow::Result<()> {
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
     let metrics = TcpListener::bind("127.0.0.1:0").await?;
     let (grpc_addr, metrics_addr) = (grpc.local_addr()?, metrics.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = damselfly::shutdown::Shutdown::new();
     let server = tokio::spawn(damselfly::supernode::serve(
         config,
         grpc,
         metrics,
         None,
-        async {
-            stopped.await.ok();
-        },
+        shutdown.clone(),
     ));
     let clients = connect(&format!("http://{grpc_addr}")).await?;
     let mesh = Arc::new(Mesh::Grpc(clients));
@@ -97,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
     let heartbeats = heartbeat_rate(&mesh, hosts).await;
     println!("heartbeats: {heartbeats:.0}/s answered ({IN_FLIGHT} in flight)");
 
-    stop.send(()).ok();
+    shutdown.cancel();
     server.await??;
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::fastpath::{self, FastPath, FastPathConfig};
 use crate::mesh::metrics::MeshCollector;
 use crate::mesh::{Mesh, MeshConfig};
 use crate::registry::{Registries, RegistryConfig};
-use crate::shutdown::terminated;
+use crate::shutdown::{STOP_WITHIN, Shutdown};
 use crate::snapshotter::{RemoteLayers, Snapshotter};
 use crate::{metrics, plugin, store::Store};
 
@@ -46,10 +46,23 @@ pub struct DaemonConfig {
     pub registry: RegistryConfig,
 }
 
-/// Runs the daemon until a termination signal. With both plugins served,
-/// the snapshotter takes containerd's remote-snapshot fast path.
+/// Runs the daemon until a termination signal, then waits (up to
+/// [`STOP_WITHIN`]) for its background tasks to end. With both plugins
+/// served, the snapshotter takes containerd's remote-snapshot fast path.
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     crate::store::require_blocking_runtime()?;
+    let shutdown = Shutdown::on_signals().context("handle SIGINT and SIGTERM")?;
+    let served = serve(config, &shutdown).await;
+    let stopped = shutdown.stop(STOP_WITHIN).await;
+    served?;
+    stopped?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves the plugins until `shutdown` is cancelled or one of them fails,
+/// with the mesh's and the fast path's background tasks on `shutdown`.
+async fn serve(config: DaemonConfig, shutdown: &Shutdown) -> anyhow::Result<()> {
     tokio::task::block_in_place(|| crate::store::private_dir(&config.data_dir))
         .with_context(|| format!("make the data dir {} private", config.data_dir.display()))?;
     let nofile = crate::mesh::limits::raise_nofile();
@@ -62,7 +75,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         None => None,
     };
     let mesh = match (&store, config.mesh.clone()) {
-        (Some(store), Some(mesh)) => Some(Mesh::start(mesh, store.clone()).await?),
+        (Some(store), Some(mesh)) => Some(Mesh::start(mesh, store.clone(), shutdown).await?),
         _ => None,
     };
     let snapshotter = match config.snapshot_socket {
@@ -71,7 +84,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     };
     let fast_path = match (&store, &snapshotter) {
         (Some(store), Some(snapshotter)) => {
-            tokio::spawn(fastpath::expire_abandoned_ingests(store.clone()));
+            shutdown.spawn(fastpath::expire_abandoned_ingests(store.clone()));
             Some(FastPath::new(FastPathConfig {
                 store: store.clone(),
                 snapshotter: snapshotter.clone(),
@@ -93,12 +106,13 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             .flatten()
             .cloned()
             .collect();
-        serve_metrics(addr, mesh.as_ref(), fast_path.as_ref(), sockets).await;
+        serve_metrics(addr, mesh.as_ref(), fast_path.as_ref(), sockets, shutdown).await;
     }
     let content = async {
         match (&config.content_socket, store) {
             (Some(socket), Some(store)) => {
-                plugin::serve_content(store, mesh, socket, config.socket_group, terminated()).await
+                let stop = shutdown.cancelled();
+                plugin::serve_content(store, mesh, socket, config.socket_group, stop).await
             }
             _ => Ok(()),
         }
@@ -112,7 +126,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                     remote,
                     socket,
                     config.socket_group,
-                    terminated(),
+                    shutdown.cancelled(),
                 )
                 .await
             }
@@ -143,13 +157,14 @@ async fn open_snapshotter(data_dir: &Path) -> anyhow::Result<Arc<Snapshotter>> {
 
 /// Serves the mesh's and the fast path's metrics on `addr`, with `/readyz`
 /// answering ready while every plugin socket of `sockets` accepts a
-/// connection. Metrics are not worth failing the plugins for: if the
-/// address is taken, say so and go on.
+/// connection, until `shutdown` is cancelled. Metrics are not worth failing
+/// the plugins for: if the address is taken, say so and go on.
 async fn serve_metrics(
     addr: SocketAddr,
     mesh: Option<&Arc<Mesh>>,
     fast_path: Option<&Arc<FastPath>>,
     sockets: Vec<PathBuf>,
+    shutdown: &Shutdown,
 ) {
     let listener = match TcpListener::bind(addr).await {
         Ok(listener) => listener,
@@ -165,15 +180,14 @@ async fn serve_metrics(
     if let Some(fast_path) = fast_path {
         fast_path.stats.register(&mut registry);
     }
-    tokio::spawn(async move {
+    let stop = shutdown.cancelled();
+    shutdown.spawn(async move {
         let ready: metrics::Readiness = Arc::new(move || {
             sockets
                 .iter()
                 .all(|s| std::os::unix::net::UnixStream::connect(s).is_ok())
         });
-        if let Err(e) =
-            metrics::serve(listener, Arc::new(registry), ready, std::future::pending()).await
-        {
+        if let Err(e) = metrics::serve(listener, Arc::new(registry), ready, stop).await {
             tracing::warn!(error = %e, "metrics server stopped");
         }
     });

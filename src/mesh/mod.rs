@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::protocol::api::{self, HeldBlob, Host, JoinRequest, Piece, Role};
 use crate::protocol::piece::piece_count;
+use crate::shutdown::Shutdown;
 use crate::store::{Digest, PieceRecord, Store};
 use piece_server::PieceServer;
 use supernode_client::{Answer, SupernodeError, Supernodes};
@@ -83,8 +84,13 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Binds the piece server and starts heartbeats to the supernodes.
-    pub async fn start(config: MeshConfig, store: Arc<Store>) -> anyhow::Result<Arc<Self>> {
+    /// Binds the piece server and starts heartbeats to the supernodes, both
+    /// until `shutdown` is cancelled.
+    pub async fn start(
+        config: MeshConfig,
+        store: Arc<Store>,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Arc<Self>> {
         crate::store::require_blocking_runtime()?;
         let host = Host {
             id: format!("{}:{}", config.advertise_ip, config.upload_port),
@@ -100,7 +106,7 @@ impl Mesh {
             .await
             .with_context(|| format!("listen for piece uploads on {listen}"))?;
         tracing::info!(%listen, supernodes = ?config.supernodes, "mesh enabled; piece server listening");
-        tokio::spawn(piece_server.clone().serve(listener));
+        shutdown.spawn(piece_server.clone().serve(listener, shutdown.clone()));
         let mesh = Arc::new(Self {
             config,
             store,
@@ -117,7 +123,7 @@ impl Mesh {
             let server = mesh.piece_server.clone();
             Arc::new(move || server.uploads_in_use() as u32)
         };
-        tokio::spawn(supernodes.heartbeats(held, uploads));
+        shutdown.spawn(supernodes.heartbeats(held, uploads));
         Ok(mesh)
     }
 

@@ -32,6 +32,7 @@ use tokio::time::timeout;
 use super::limits;
 use super::tasks::LocalTasks;
 use crate::protocol::piece::{piece_count, piece_range, piece_size};
+use crate::shutdown::Shutdown;
 use crate::store::{Digest, Store};
 
 /// Longest request head accepted.
@@ -158,8 +159,9 @@ impl PieceServer {
         self.max_connections - self.connections.available_permits()
     }
 
-    /// Accepts connections until the task is dropped.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts connections until the task is dropped; each connection is a
+    /// task of `shutdown`, which ends it when cancelled.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
         let mut backoff = ACCEPT_BACKOFF;
         let mut last_warning: Option<Instant> = None;
         let mut unwarned = 0u64;
@@ -184,7 +186,7 @@ impl PieceServer {
                 }
             };
             let server = self.clone();
-            tokio::spawn(async move {
+            shutdown.spawn(async move {
                 let Some(_admitted) = server.admit(peer) else {
                     return;
                 };

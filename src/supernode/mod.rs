@@ -10,14 +10,12 @@ pub mod repo;
 pub mod scheduler;
 pub mod service;
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::FutureExt;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
@@ -26,7 +24,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::mesh::MeshConfig;
 use crate::mesh::metrics::MeshCollector;
 use crate::protocol::api::supernode_server::SupernodeServer;
-use crate::shutdown::terminated;
+use crate::shutdown::{STOP_WITHIN, Shutdown};
 use metrics::SupernodeMetrics;
 use repo::{Repo, RepoConfig};
 use scheduler::SchedulerConfig;
@@ -65,8 +63,10 @@ pub struct SupernodeConfig {
 /// A file in the data dir that says a supernode ran here before.
 const RAN_BEFORE: &str = "ran-before";
 
-/// Runs the supernode until SIGINT or SIGTERM.
+/// Runs the supernode until SIGINT or SIGTERM, then waits (up to
+/// [`STOP_WITHIN`]) for its background tasks to end.
 pub async fn run(mut config: SupernodeConfig) -> anyhow::Result<()> {
+    let shutdown = Shutdown::on_signals().context("handle SIGINT and SIGTERM")?;
     tokio::fs::create_dir_all(&config.data_dir)
         .await
         .with_context(|| format!("create the data dir {}", config.data_dir.display()))?;
@@ -96,40 +96,60 @@ pub async fn run(mut config: SupernodeConfig) -> anyhow::Result<()> {
     );
     let repo = if config.repo_max_bytes > 0 {
         Some(
-            Repo::start(RepoConfig {
-                dir: config.data_dir.join("repo"),
-                max_bytes: config.repo_max_bytes,
-                mesh: MeshConfig {
-                    supernodes: vec![
-                        SocketAddr::new(config.advertise_ip, config.listen.port()).to_string(),
-                    ],
-                    advertise_ip: config.advertise_ip,
-                    upload_port: config.upload_port,
-                    upload_slots: REPO_UPLOAD_SLOTS,
-                    download_parallelism: REPO_DOWNLOAD_PARALLELISM,
-                    stall_timeout: REPO_STALL_TIMEOUT,
-                    supernode: true,
+            Repo::start(
+                RepoConfig {
+                    dir: config.data_dir.join("repo"),
+                    max_bytes: config.repo_max_bytes,
+                    mesh: MeshConfig {
+                        supernodes: vec![
+                            SocketAddr::new(config.advertise_ip, config.listen.port()).to_string(),
+                        ],
+                        advertise_ip: config.advertise_ip,
+                        upload_port: config.upload_port,
+                        upload_slots: REPO_UPLOAD_SLOTS,
+                        download_parallelism: REPO_DOWNLOAD_PARALLELISM,
+                        stall_timeout: REPO_STALL_TIMEOUT,
+                        supernode: true,
+                    },
                 },
-            })
+                &shutdown,
+            )
             .await?,
         )
     } else {
         None
     };
-    serve(config.scheduler, grpc, metrics, repo, terminated()).await
+    serve(config.scheduler, grpc, metrics, repo, shutdown).await
 }
 
 /// Serves the gRPC API on `grpc` and the metrics on `metrics` until
-/// `shutdown` completes, expiring silent hosts every heartbeat interval, and
-/// has `repo` (if any) copy each new blob.
+/// `shutdown` is cancelled, expiring silent hosts every heartbeat interval,
+/// and has `repo` (if any, started on the same `shutdown`) copy each new
+/// blob. Then waits (up to [`STOP_WITHIN`]) for every task of `shutdown` to
+/// end.
 pub async fn serve(
     config: SchedulerConfig,
     grpc: TcpListener,
     metrics: TcpListener,
     repo: Option<Arc<Repo>>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     crate::store::require_blocking_runtime()?;
+    let served = serve_until(config, grpc, metrics, repo, &shutdown).await;
+    let stopped = shutdown.stop(STOP_WITHIN).await;
+    served?;
+    stopped?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn serve_until(
+    config: SchedulerConfig,
+    grpc: TcpListener,
+    metrics: TcpListener,
+    repo: Option<Arc<Repo>>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
     let grpc_addr = grpc.local_addr().context("gRPC listener address")?;
     let mut registry = Registry::default();
     let new_blobs = repo.map(|repo| {
@@ -139,7 +159,7 @@ pub async fn serve(
             "supernode_repo",
         )));
         let (tell, told) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(repo.copy_all(told));
+        shutdown.spawn(repo.copy_all(told));
         tell
     });
     let service = SupernodeService::new(
@@ -147,16 +167,15 @@ pub async fn serve(
         SupernodeMetrics::register(&mut registry),
         new_blobs,
     );
-    let expiry = tokio::spawn(
+    shutdown.spawn(
         service
             .clone()
             .expire_periodically(config.heartbeat_interval),
     );
-    let shutdown = shutdown.shared();
     // Ready once this runs: the repo is open and the API listener bound.
     let ready: crate::metrics::Readiness = Arc::new(|| true);
     let metrics_server =
-        crate::metrics::serve(metrics, Arc::new(registry), ready, shutdown.clone());
+        crate::metrics::serve(metrics, Arc::new(registry), ready, shutdown.cancelled());
     tracing::info!(addr = %grpc_addr, "serving the mesh API");
     let grpc_server = async {
         Server::builder()
@@ -165,14 +184,13 @@ pub async fn serve(
             )
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                shutdown,
+                shutdown.cancelled(),
             )
             .await
             .with_context(|| format!("serve gRPC on {grpc_addr}"))
     };
-    let served = tokio::try_join!(grpc_server, metrics_server);
-    expiry.abort();
-    served.map(|_| ())
+    tokio::try_join!(grpc_server, metrics_server)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -187,15 +205,13 @@ mod tests {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, metrics_addr) = (grpc.local_addr().unwrap(), metrics.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Shutdown::new();
         let server = tokio::spawn(serve(
             SchedulerConfig::default(),
             grpc,
             metrics,
             None,
-            async {
-                stopped.await.ok();
-            },
+            shutdown.clone(),
         ));
 
         let mut client = SupernodeClient::connect(format!("http://{grpc_addr}"))
@@ -240,7 +256,8 @@ mod tests {
             assert!(text.contains(line), "no {line:?} in {text}");
         }
 
-        stop.send(()).unwrap();
+        shutdown.cancel();
         server.await.unwrap().unwrap();
+        assert_eq!(shutdown.running(), 0, "the expiry loop ended");
     }
 }

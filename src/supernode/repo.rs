@@ -30,6 +30,7 @@ use crate::mesh::session::seed_verified_prefix;
 use crate::mesh::{Mesh, MeshConfig};
 use crate::protocol::api::Role;
 use crate::protocol::piece::piece_size;
+use crate::shutdown::Shutdown;
 use crate::store::{Digest, Store};
 
 /// Blobs copied at the same time.
@@ -56,18 +57,21 @@ pub struct Repo {
     max_bytes: u64,
     copying: Mutex<HashSet<Digest>>,
     slots: Semaphore,
+    /// The supernode's: copies in progress end with it.
+    shutdown: Shutdown,
 }
 
 impl Repo {
-    /// Opens the repo's store and joins the mesh as a seeding peer.
-    pub async fn start(config: RepoConfig) -> anyhow::Result<Arc<Self>> {
+    /// Opens the repo's store and joins the mesh as a seeding peer, until
+    /// `shutdown` is cancelled.
+    pub async fn start(config: RepoConfig, shutdown: &Shutdown) -> anyhow::Result<Arc<Self>> {
         let store = tokio::task::spawn_blocking({
             let dir = config.dir.clone();
             move || Store::open(&dir)
         })
         .await?
         .with_context(|| format!("open the repo in {}", config.dir.display()))?;
-        let mesh = Mesh::start(config.mesh, store.clone()).await?;
+        let mesh = Mesh::start(config.mesh, store.clone(), shutdown).await?;
         tracing::info!(dir = %config.dir.display(), max_bytes = config.max_bytes, "repo open");
         Ok(Arc::new(Self {
             store,
@@ -75,6 +79,7 @@ impl Repo {
             max_bytes: config.max_bytes,
             copying: Mutex::new(HashSet::new()),
             slots: Semaphore::new(CONCURRENT_COPIES),
+            shutdown: shutdown.clone(),
         }))
     }
 
@@ -94,7 +99,7 @@ impl Repo {
                 continue;
             }
             let repo = self.clone();
-            tokio::spawn(async move {
+            self.shutdown.spawn(async move {
                 if let Err(e) = repo.copy(&digest, size).await {
                     tracing::warn!(%digest, error = %e, "repo: could not copy the blob");
                 }

@@ -1,9 +1,10 @@
 //! The in-process mesh on loopback: supernodes and daemons' meshes on
 //! 127.0.0.x ports, each on a tokio runtime of its own, so that dropping a
 //! runtime stops that node at once (its piece server and heartbeats), as a
-//! crash would. No root, no processes, seconds. Blobs enter and leave a
-//! node's store the way the content plugin moves them: a
-//! [`BlobSession`] around the ingest of a `layer-` ref.
+//! crash would; `stop` stops one cleanly, through its shutdown handle. No
+//! root, no processes, seconds. Blobs enter and leave a node's store the way
+//! the content plugin moves them: a [`BlobSession`] around the ingest of a
+//! `layer-` ref.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use damselfly::mesh::session::BlobSession;
 use damselfly::mesh::{Mesh, MeshConfig};
+use damselfly::shutdown::{STOP_WITHIN, Shutdown, Unfinished};
 use damselfly::store::{Digest, Ingest, Store};
 use damselfly::supernode::scheduler::SchedulerConfig;
 use tokio::runtime::Runtime;
@@ -45,7 +47,9 @@ pub struct LoopSupernode {
     pub addr: String,
     /// `ip:port` of its `/metrics`.
     pub metrics: String,
-    _runtime: Runtime,
+    pub shutdown: Shutdown,
+    served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    runtime: Runtime,
 }
 
 impl LoopSupernode {
@@ -63,18 +67,34 @@ impl LoopSupernode {
             heartbeat_interval: HEARTBEAT,
             ..SchedulerConfig::default()
         };
-        runtime.spawn(damselfly::supernode::serve(
+        let shutdown = Shutdown::new();
+        let served = runtime.spawn(damselfly::supernode::serve(
             config,
             grpc,
             metrics,
             None,
-            std::future::pending(),
+            shutdown.clone(),
         ));
         Self {
             addr,
             metrics: metrics_addr,
-            _runtime: runtime,
+            shutdown,
+            served: Some(served),
+            runtime,
         }
+    }
+
+    /// Cancels its shutdown handle and waits for `serve` to return (it
+    /// waits for its own tasks), keeping the runtime: what `serve` says.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let served = self.served.take().expect("stopped once");
+        self.runtime.block_on(async {
+            tokio::time::timeout(STOP_WITHIN * 2, served)
+                .await
+                .map_err(|_| anyhow::anyhow!("serve did not return"))?
+                .map_err(|e| anyhow::anyhow!("serve panicked: {e}"))?
+        })
     }
 
     /// The value of the sample `name` on its metrics page (0 if absent).
@@ -101,6 +121,7 @@ pub fn block_on_fresh<F: Future>(future: F) -> F::Output {
 pub struct LoopNode {
     pub mesh: Arc<Mesh>,
     pub store: Arc<Store>,
+    pub shutdown: Shutdown,
     pub runtime: Runtime,
     _dir: tempfile::TempDir,
 }
@@ -122,15 +143,23 @@ impl LoopNode {
             supernode: false,
         };
         let runtime = runtime();
+        let shutdown = Shutdown::new();
         let mesh = runtime
-            .block_on(Mesh::start(config, store.clone()))
+            .block_on(Mesh::start(config, store.clone(), &shutdown))
             .expect("start the mesh");
         Self {
             mesh,
             store,
+            shutdown,
             runtime,
             _dir: dir,
         }
+    }
+
+    /// Stops its piece server and heartbeats through its shutdown handle,
+    /// keeping the runtime: whether they all ended in time.
+    pub fn stop(&self) -> Result<(), Unfinished> {
+        self.runtime.block_on(self.shutdown.stop(STOP_WITHIN))
     }
 
     /// The address peers know this node by (its host id).

@@ -133,15 +133,23 @@ impl Proc {
 
     /// Asks the process to stop (SIGTERM) and waits for it.
     pub fn terminate(&mut self) {
+        if self.terminate_within(Duration::from_secs(10)).is_none() {
+            self.kill9();
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the process to exit: how
+    /// it exited, or `None` if it is still running.
+    pub fn terminate_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
             sleep(Duration::from_millis(20));
         }
-        self.kill9();
+        None
     }
 
     pub fn is_running(&mut self) -> bool {
