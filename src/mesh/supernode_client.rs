@@ -75,10 +75,17 @@ pub struct Answer<T> {
 impl Supernodes {
     /// Supernodes at `addrs` ("ip:port"); connections are made on first use.
     pub fn new(host: Host, addrs: &[String]) -> anyhow::Result<Arc<Self>> {
+        // Calls come from the advertised IP: the supernode refuses a call
+        // for this host from any other address.
+        let source: std::net::IpAddr = host
+            .ip
+            .parse()
+            .map_err(|e| anyhow::anyhow!("advertised ip {:?}: {e}", host.ip))?;
         let mut nodes = Vec::with_capacity(addrs.len());
         for addr in addrs {
             let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| anyhow::anyhow!("supernode address {addr:?}: {e}"))?
+                .local_address(Some(source))
                 .connect_timeout(CONNECT_TIMEOUT)
                 .timeout(CALL_TIMEOUT);
             nodes.push(Node {

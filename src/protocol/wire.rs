@@ -20,6 +20,8 @@ pub const MAX_HOST_ID_LEN: usize = 128;
 #[derive(Debug)]
 pub struct HostInfo {
     pub id: String,
+    /// The IP of its piece server: the address it must call from.
+    pub ip: IpAddr,
     /// `ip:port` of its piece server.
     pub addr: String,
     /// A supernode's seeding peer.
@@ -54,7 +56,9 @@ pub fn host_id(id: &str) -> Result<&str, InvalidMessage> {
     Ok(id)
 }
 
-/// A registering host: valid id, IP address and non-zero port.
+/// A registering host: valid id, an IP address peers can be sent to (not
+/// unspecified, multicast, broadcast or link-local; loopback is checked per
+/// caller by the scheduler) and a non-zero port.
 pub fn host(host: Option<&api::Host>) -> Result<HostInfo, InvalidMessage> {
     let host = host.ok_or_else(|| invalid("register without a host".into()))?;
     let id = host_id(&host.id)?.to_owned();
@@ -62,15 +66,32 @@ pub fn host(host: Option<&api::Host>) -> Result<HostInfo, InvalidMessage> {
         .ip
         .parse()
         .map_err(|_| invalid(format!("host {id:?}: invalid ip {:?}", host.ip)))?;
+    if !peer_address(ip) {
+        return Err(invalid(format!(
+            "host {id:?}: {ip} is not an address peers can reach"
+        )));
+    }
     let port = u16::try_from(host.upload_port)
         .ok()
         .filter(|&p| p != 0)
         .ok_or_else(|| invalid(format!("host {id:?}: invalid port {}", host.upload_port)))?;
     Ok(HostInfo {
         id,
+        ip,
         addr: SocketAddr::new(ip, port).to_string(),
         supernode: host.supernode,
     })
+}
+
+/// Whether `ip` can be a peer's address at all: not unspecified, multicast,
+/// broadcast or link-local (those name no one host, or a different one for
+/// every peer).
+fn peer_address(ip: IpAddr) -> bool {
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    !(ip.is_unspecified() || ip.is_multicast() || link_local)
 }
 
 /// A `sha256:<64 hex>` digest.
@@ -81,6 +102,17 @@ pub fn digest(text: &str) -> Result<Digest, InvalidMessage> {
 /// A byte count or offset: not negative.
 pub fn size(value: i64, what: &str) -> Result<u64, InvalidMessage> {
     u64::try_from(value).map_err(|_| invalid(format!("negative {what}: {value}")))
+}
+
+/// A blob's size: not negative, at most [`MAX_BLOB_SIZE`].
+pub fn blob_size(value: i64) -> Result<u64, InvalidMessage> {
+    let size = size(value, "blob size")?;
+    if size > MAX_BLOB_SIZE {
+        return Err(invalid(format!(
+            "blob of {size} bytes: larger than {MAX_BLOB_SIZE}"
+        )));
+    }
+    Ok(size)
 }
 
 /// Piece numbers below `count`, repeats dropped, order kept.
@@ -106,12 +138,56 @@ pub fn check_piece(number: u32, count: u32) -> Result<(), InvalidMessage> {
     Ok(())
 }
 
+/// Most blobs one Register may list: a node's store, with room to spare. A
+/// larger Register is refused whole (the daemon's state stays unknown until
+/// it registers within bounds).
+pub const MAX_BLOBS_PER_REGISTER: usize = 4096;
+/// Most pieces the blobs of one Register may have in all (by their sizes):
+/// 512 GiB of content in 4 MiB pieces.
+pub const MAX_PIECES_PER_REGISTER: u64 = 128 * 1024;
+/// Largest blob the mesh handles: 1 TiB.
+pub const MAX_BLOB_SIZE: u64 = 1 << 40;
+
+/// A registration, checked: the host and what it holds.
+#[derive(Debug)]
+pub struct Registration {
+    pub host: HostInfo,
+    pub blobs: Vec<Blob>,
+}
+
+/// A Register: a valid host, at most [`MAX_BLOBS_PER_REGISTER`] valid blobs
+/// with at most [`MAX_PIECES_PER_REGISTER`] pieces in all.
+pub fn registration(request: &api::RegisterRequest) -> Result<Registration, InvalidMessage> {
+    let host = host(request.host.as_ref())?;
+    if request.blobs.len() > MAX_BLOBS_PER_REGISTER {
+        return Err(invalid(format!(
+            "host {:?} registers {} blobs, more than {MAX_BLOBS_PER_REGISTER}",
+            host.id,
+            request.blobs.len()
+        )));
+    }
+    let mut pieces = 0u64;
+    let mut blobs = Vec::with_capacity(request.blobs.len());
+    for held in &request.blobs {
+        let blob = blob(Some(held))?;
+        pieces += u64::from(piece_count(blob.size, piece_size(blob.size)));
+        if pieces > MAX_PIECES_PER_REGISTER {
+            return Err(invalid(format!(
+                "host {:?} registers blobs of more than {MAX_PIECES_PER_REGISTER} pieces in all",
+                host.id
+            )));
+        }
+        blobs.push(blob);
+    }
+    Ok(Registration { host, blobs })
+}
+
 /// A held blob: valid digests, a size, the piece size every node computes
 /// for it ([`piece_size`]), pieces in range and listed once.
 pub fn blob(blob: Option<&api::HeldBlob>) -> Result<Blob, InvalidMessage> {
     let blob = blob.ok_or_else(|| invalid("announce without a blob".into()))?;
     let digest = digest(&blob.digest)?;
-    let size = size(blob.size, "blob size")?;
+    let size = blob_size(blob.size)?;
     if blob.piece_size != piece_size(size) {
         return Err(invalid(format!(
             "{digest}: piece size {} is not {} for a blob of {size} bytes",
@@ -203,6 +279,26 @@ mod tests {
             },
             api::Host {
                 upload_port: 70_000,
+                ..good.clone()
+            },
+            api::Host {
+                ip: "0.0.0.0".into(),
+                ..good.clone()
+            },
+            api::Host {
+                ip: "169.254.1.2".into(),
+                ..good.clone()
+            },
+            api::Host {
+                ip: "fe80::1".into(),
+                ..good.clone()
+            },
+            api::Host {
+                ip: "224.0.0.1".into(),
+                ..good.clone()
+            },
+            api::Host {
+                ip: "255.255.255.255".into(),
                 ..good.clone()
             },
         ] {

@@ -32,6 +32,7 @@
 //! counts as a sign of life, like a heartbeat.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::bits::Bits;
@@ -43,7 +44,7 @@ use crate::protocol::api::{
 };
 use crate::protocol::piece::{piece_count, piece_size};
 use crate::protocol::status::Refusal;
-use crate::protocol::wire::{self, Blob, HostInfo};
+use crate::protocol::wire::{self, Blob, HostInfo, Registration};
 
 /// Heartbeat intervals a host may miss before it is dropped.
 pub const MISSED_HEARTBEATS: u32 = 3;
@@ -98,6 +99,13 @@ pub enum SchedulerError {
     /// Nobody joined this blob (or everyone left it).
     #[error("no task for {0}: join it first")]
     UnknownTask(Digest),
+    /// The caller speaks for a host whose address is not the caller's.
+    #[error("host {id:?} is at {registered}, not at the caller's address {caller}")]
+    NotTheCaller {
+        id: String,
+        registered: IpAddr,
+        caller: IpAddr,
+    },
 }
 
 impl From<wire::InvalidMessage> for SchedulerError {
@@ -110,7 +118,7 @@ impl SchedulerError {
     /// What the error tells the caller to do, in the protocol's terms.
     pub fn refusal(&self) -> Refusal {
         match self {
-            Self::InvalidArgument(_) => Refusal::Invalid,
+            Self::InvalidArgument(_) | Self::NotTheCaller { .. } => Refusal::Invalid,
             Self::UnknownHost(_) => Refusal::RegisterAgain,
             Self::UnknownTask(_) => Refusal::TaskLost,
         }
@@ -217,13 +225,19 @@ impl Scheduler {
         request: &RegisterRequest,
         now: Instant,
     ) -> Result<RegisterResponse, SchedulerError> {
+        let registration = wire::registration(request)?;
+        self.register_valid(registration, now)
+    }
+
+    /// [`Self::register`] of a registration already validated (the service
+    /// validates outside the scheduler's lock).
+    pub fn register_valid(
+        &mut self,
+        registration: Registration,
+        now: Instant,
+    ) -> Result<RegisterResponse, SchedulerError> {
         self.started.get_or_insert(now);
-        let info = wire::host(request.host.as_ref())?;
-        let blobs = request
-            .blobs
-            .iter()
-            .map(|blob| wire::blob(Some(blob)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let Registration { host: info, blobs } = registration;
         let host_id = info.id.clone();
         let slot = self.hosts.upsert(info, now);
         self.forget_holdings(slot);
@@ -241,6 +255,42 @@ impl Scheduler {
         Ok(RegisterResponse {
             heartbeat_ms: heartbeat_ms.unwrap_or(u32::MAX),
         })
+    }
+
+    /// Fails unless a host registered as `id` (if any) is at `caller`'s IP:
+    /// without TLS, the caller's address is the only identity it shows, so
+    /// no one speaks for a host from another address. A host whose IP
+    /// changed registers again once its old entry expired.
+    pub fn check_caller(&self, id: &str, caller: IpAddr) -> Result<(), SchedulerError> {
+        let Some(slot) = self.hosts.slot_of(id) else {
+            return Ok(());
+        };
+        let registered = self.hosts.get(slot).ip;
+        if registered != caller {
+            return Err(SchedulerError::NotTheCaller {
+                id: id.to_owned(),
+                registered,
+                caller,
+            });
+        }
+        Ok(())
+    }
+
+    /// Fails unless `caller` may register `host`: the host's IP is the
+    /// caller's, and the id is not registered at another IP (no id hijack).
+    pub fn check_registration(
+        &self,
+        host: &HostInfo,
+        caller: IpAddr,
+    ) -> Result<(), SchedulerError> {
+        if host.ip != caller {
+            return Err(SchedulerError::NotTheCaller {
+                id: host.id.clone(),
+                registered: host.ip,
+                caller,
+            });
+        }
+        self.check_caller(&host.id, caller)
     }
 
     /// Heartbeat: keeps the host alive and records its upload load; an
@@ -272,7 +322,7 @@ impl Scheduler {
     ) -> Result<JoinResponse, SchedulerError> {
         let slot = self.touch(&request.host_id, now)?;
         let digest = wire::digest(&request.digest)?;
-        let size = wire::size(request.size, "blob size")?;
+        let size = wire::blob_size(request.size)?;
         let recovering = self.recovering(now);
         let task_id = self.task_for(&digest, size)?;
         self.enroll(task_id, slot);
@@ -793,6 +843,8 @@ struct HostRef {
 /// A registered daemon.
 struct Host {
     id: String,
+    /// The IP it registered from (that of its piece server).
+    ip: IpAddr,
     /// `ip:port` of its piece server.
     addr: String,
     /// A supernode's seeding peer: never an ingester.
@@ -872,6 +924,7 @@ impl Hosts {
     fn upsert(&mut self, info: HostInfo, now: Instant) -> u32 {
         if let Some(slot) = self.slot_of(&info.id) {
             let host = self.get_mut(slot);
+            host.ip = info.ip;
             host.addr = info.addr;
             host.supernode = info.supernode;
             host.last_seen = now;
@@ -886,6 +939,7 @@ impl Hosts {
         self.by_load[0].insert(slot);
         self.slots[slot as usize] = Some(Host {
             id: info.id,
+            ip: info.ip,
             addr: info.addr,
             supernode: info.supernode,
             last_seen: now,

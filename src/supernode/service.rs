@@ -1,6 +1,11 @@
 //! The supernode's gRPC service: each RPC of proto/mesh.proto runs the
 //! scheduler under a short lock, then logs what happened and counts it.
+//! Every call speaks for a host, and is refused unless it comes from that
+//! host's IP ([`Scheduler::check_caller`]); a Register is validated and
+//! dropped before the lock is taken, so the lock never waits on a large
+//! message.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,6 +21,8 @@ use crate::protocol::api::{
     JoinResponse, LeaveRequest, LeaveResponse, RegisterRequest, RegisterResponse, ReportRequest,
     ReportResponse, ScheduleRequest, ScheduleResponse,
 };
+use crate::protocol::status::Refusal;
+use crate::protocol::wire;
 
 /// The Supernode gRPC service over one shared [`Scheduler`]. Clones share it.
 #[derive(Clone)]
@@ -103,6 +110,20 @@ impl SupernodeService {
         result
     }
 
+    /// [`Self::run`] for a call that speaks for `host_id`, refused unless
+    /// the host is at `caller`'s IP.
+    fn run_as<T>(
+        &self,
+        caller: IpAddr,
+        host_id: &str,
+        call: impl FnOnce(&mut Scheduler, Instant) -> Result<T, SchedulerError>,
+    ) -> Result<T, SchedulerError> {
+        self.run(|s, now| {
+            s.check_caller(host_id, caller)?;
+            call(s, now)
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, Scheduler> {
         let shared = &self.shared;
         shared.scheduler.lock().unwrap_or_else(|poisoned| {
@@ -123,8 +144,14 @@ impl Supernode for SupernodeService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        let request = request.into_inner();
-        let result = self.run(|s, now| s.register(&request, now));
+        let caller = caller(&request)?;
+        let registration =
+            wire::registration(request.get_ref()).map_err(|e| Refusal::Invalid.status(e.0))?;
+        drop(request);
+        let result = self.run(|s, now| {
+            s.check_registration(&registration.host, caller)?;
+            s.register_valid(registration, now)
+        });
         self.changed();
         answer(result)
     }
@@ -133,13 +160,17 @@ impl Supernode for SupernodeService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
-        answer(self.run(|s, now| s.heartbeat(&request, now)))
+        answer(self.run_as(caller, &request.host_id, |s, now| {
+            s.heartbeat(&request, now)
+        }))
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
-        let result = self.run(|s, now| s.join(&request, now));
+        let result = self.run_as(caller, &request.host_id, |s, now| s.join(&request, now));
         self.changed();
         answer(result)
     }
@@ -148,8 +179,9 @@ impl Supernode for SupernodeService {
         &self,
         request: Request<AnnounceRequest>,
     ) -> Result<Response<AnnounceResponse>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
-        let result = self.run(|s, now| s.announce(&request, now));
+        let result = self.run_as(caller, &request.host_id, |s, now| s.announce(&request, now));
         self.changed();
         answer(result)
     }
@@ -158,13 +190,15 @@ impl Supernode for SupernodeService {
         &self,
         request: Request<ScheduleRequest>,
     ) -> Result<Response<ScheduleResponse>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
         let wait = Duration::from_millis(request.wait_ms.into()).min(MAX_SCHEDULE_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         let mut changed = self.shared.changed.subscribe();
         let response = loop {
             changed.mark_unchanged();
-            let response = self.run(|s, now| s.schedule(&request, now));
+            let response =
+                self.run_as(caller, &request.host_id, |s, now| s.schedule(&request, now));
             let idle = matches!(&response, Ok(r) if r.assignments.is_empty() && !r.take_over);
             if !idle
                 || tokio::time::timeout_at(deadline, changed.changed())
@@ -184,8 +218,9 @@ impl Supernode for SupernodeService {
         &self,
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
-        let result = self.run(|s, now| s.report(&request, now));
+        let result = self.run_as(caller, &request.host_id, |s, now| s.report(&request, now));
         self.changed();
         answer(result)
     }
@@ -194,11 +229,21 @@ impl Supernode for SupernodeService {
         &self,
         request: Request<LeaveRequest>,
     ) -> Result<Response<LeaveResponse>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
-        let result = self.run(|s, now| s.leave(&request, now));
+        let result = self.run_as(caller, &request.host_id, |s, now| s.leave(&request, now));
         self.changed();
         answer(result)
     }
+}
+
+/// The IP a call came from (IPv4-mapped addresses as IPv4): without TLS,
+/// the only identity a caller shows.
+fn caller<T>(request: &Request<T>) -> Result<IpAddr, Status> {
+    request
+        .remote_addr()
+        .map(|addr: SocketAddr| addr.ip().to_canonical())
+        .ok_or_else(|| Refusal::Invalid.status("the caller's address is unknown"))
 }
 
 /// The gRPC answer for a scheduler result.
@@ -253,6 +298,22 @@ mod tests {
     use crate::protocol::api::Host;
     use crate::protocol::status::Refusal;
 
+    /// A request from 127.0.0.1, the address the test hosts register.
+    fn local<T>(message: T) -> Request<T> {
+        from("127.0.0.1", message)
+    }
+
+    fn from<T>(ip: &str, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .extensions_mut()
+            .insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(SocketAddr::new(ip.parse().unwrap(), 40000)),
+            });
+        request
+    }
+
     fn service() -> SupernodeService {
         SupernodeService::new(
             SchedulerConfig::default(),
@@ -262,7 +323,7 @@ mod tests {
     }
 
     fn join(host_id: &str, digest: &str) -> Request<JoinRequest> {
-        Request::new(JoinRequest {
+        local(JoinRequest {
             host_id: host_id.into(),
             digest: digest.into(),
             size: 1,
@@ -286,7 +347,7 @@ mod tests {
             }),
             blobs: vec![],
         };
-        service.register(Request::new(register)).await.unwrap();
+        service.register(local(register)).await.unwrap();
         let digest = Digest::of(b"x").to_string();
 
         assert_eq!(
@@ -303,14 +364,65 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            meaning(service.schedule(Request::new(schedule)).await),
+            meaning(service.schedule(local(schedule)).await),
             Refusal::TaskLost
         );
         service.join(join("a", &digest)).await.unwrap();
     }
 
+    /// Calls for a host are refused from any address but the host's own, and
+    /// so is a registration of a known id from another address.
+    #[tokio::test]
+    async fn no_call_speaks_for_a_host_from_another_address() {
+        let service = service();
+        service.register(register("a")).await.unwrap();
+        let digest = Digest::of(b"x").to_string();
+        let intruder = "10.9.9.9";
+        let hijack = from(intruder, register("a").into_inner());
+        assert_eq!(meaning(service.register(hijack).await), Refusal::Invalid);
+        let mut elsewhere = register("b").into_inner();
+        elsewhere.host.as_mut().unwrap().ip = intruder.into();
+        assert_eq!(
+            meaning(service.register(local(elsewhere)).await),
+            Refusal::Invalid,
+            "a host registered for another address"
+        );
+        let heartbeat = HeartbeatRequest {
+            host_id: "a".into(),
+            uploads_in_use: 0,
+        };
+        assert_eq!(
+            meaning(service.heartbeat(from(intruder, heartbeat.clone())).await),
+            Refusal::Invalid
+        );
+        let leave = LeaveRequest {
+            host_id: "a".into(),
+            digest: digest.clone(),
+        };
+        assert_eq!(
+            meaning(service.leave(from(intruder, leave)).await),
+            Refusal::Invalid
+        );
+        assert_eq!(
+            meaning(
+                service
+                    .join(from(intruder, join("a", &digest).into_inner()))
+                    .await
+            ),
+            Refusal::Invalid
+        );
+        let answer = service.heartbeat(local(heartbeat)).await.unwrap();
+        assert!(!answer.into_inner().reregister, "the real host was dropped");
+        assert!(
+            service
+                .register(Request::new(RegisterRequest::default()))
+                .await
+                .is_err()
+        );
+    }
+
     fn register(id: &str) -> Request<RegisterRequest> {
-        Request::new(RegisterRequest {
+        local(RegisterRequest {
             host: Some(Host {
                 id: id.into(),
                 ip: "127.0.0.1".into(),
@@ -346,7 +458,7 @@ mod tests {
             };
             tokio::spawn(async move {
                 let started = Instant::now();
-                let answer = service.schedule(Request::new(request)).await.unwrap();
+                let answer = service.schedule(local(request)).await.unwrap();
                 (answer.into_inner(), started.elapsed())
             })
         };
@@ -369,7 +481,7 @@ mod tests {
                 ingesting: true,
             }),
         };
-        service.announce(Request::new(announce)).await.unwrap();
+        service.announce(local(announce)).await.unwrap();
         let (answer, waited) = waiting.await.unwrap();
         assert_eq!(answer.assignments.len(), 1, "{answer:?}");
         assert!(waited < Duration::from_millis(1500), "held for {waited:?}");
