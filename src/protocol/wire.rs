@@ -325,6 +325,29 @@ mod tests {
     }
 
     #[test]
+    fn registrations_are_bounded() {
+        let request = |blobs: Vec<api::HeldBlob>| api::RegisterRequest {
+            host: Some(api::Host {
+                id: "node-1".into(),
+                ip: "10.0.0.1".into(),
+                upload_port: 65002,
+                supernode: false,
+            }),
+            blobs,
+        };
+        let small = held(1, &[]);
+        let many = vec![small; MAX_BLOBS_PER_REGISTER];
+        assert!(registration(&request(many.clone())).is_ok());
+        let mut too_many = many;
+        too_many.push(held(1, &[]));
+        assert!(registration(&request(too_many)).is_err(), "blob count");
+        let huge = MAX_BLOB_SIZE as i64;
+        let heavy = vec![held(huge, &[]); 129];
+        assert!(registration(&request(heavy)).is_err(), "pieces in all");
+        assert!(blob(Some(&held(huge + 1, &[]))).is_err(), "blob size");
+    }
+
+    #[test]
     fn piece_numbers_are_checked_and_deduplicated() {
         assert_eq!(piece_numbers(&[2, 0, 2], 3).unwrap(), [2, 0]);
         assert!(piece_numbers(&[3], 3).is_err());

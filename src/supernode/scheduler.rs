@@ -60,6 +60,11 @@ pub const MAX_ASSIGNMENTS: usize = 32;
 pub const MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT: usize = 4;
 /// Failed transfers from one parent after which a downloader stops getting it.
 pub const FAILURES_TO_DROP: u32 = 2;
+/// Most hosts registered at once: a new host beyond it is refused.
+pub const MAX_HOSTS: usize = 20_000;
+/// Most tasks one host is a member of: a Join, Announce or registered blob
+/// beyond it is refused (a host's memory at the supernode is bounded).
+pub const MAX_TASKS_PER_HOST: usize = 4096;
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone)]
@@ -239,6 +244,11 @@ impl Scheduler {
         self.started.get_or_insert(now);
         let Registration { host: info, blobs } = registration;
         let host_id = info.id.clone();
+        if self.hosts.slot_of(&host_id).is_none() && self.host_count() >= MAX_HOSTS {
+            return Err(SchedulerError::InvalidArgument(format!(
+                "{MAX_HOSTS} hosts are registered: {host_id:?} is refused"
+            )));
+        }
         let slot = self.hosts.upsert(info, now);
         self.forget_holdings(slot);
         for blob in blobs {
@@ -305,9 +315,12 @@ impl Scheduler {
         let Some(slot) = self.hosts.slot_of(id) else {
             return Ok(HeartbeatResponse { reregister: true });
         };
+        // A host's word on its own load counts up to the cap: more would
+        // take nothing more from it, and at most it keeps itself busy.
+        let reported = request.uploads_in_use.min(self.config.upload_cap);
         self.hosts.update_load(slot, |host| {
             host.last_seen = now;
-            host.reported_uploads = request.uploads_in_use;
+            host.reported_uploads = reported;
         });
         Ok(HeartbeatResponse { reregister: false })
     }
@@ -325,7 +338,7 @@ impl Scheduler {
         let size = wire::blob_size(request.size)?;
         let recovering = self.recovering(now);
         let task_id = self.task_for(&digest, size)?;
-        self.enroll(task_id, slot);
+        self.enroll_or_tidy(task_id, slot)?;
         let task = self.tasks.get_mut(&task_id).expect("task just found");
         let role = if task.ingester == Some(slot) {
             Role::Ingest
@@ -394,7 +407,7 @@ impl Scheduler {
             )));
         }
         let wanted = wire::piece_numbers(&request.wanted, task.piece_count())?;
-        self.enroll(task_id, slot);
+        self.enroll(task_id, slot)?;
         let recovering = self.recovering(now);
 
         let Self {
@@ -471,7 +484,7 @@ impl Scheduler {
         for &(number, _, _) in &results {
             wire::check_piece(number, count)?;
         }
-        self.enroll(task_id, slot);
+        self.enroll(task_id, slot)?;
         let reporter = self.hosts.reference(slot);
         for (number, parent_id, outcome) in results {
             let Some(parent) = self.hosts.slot_of(parent_id) else {
@@ -584,11 +597,26 @@ impl Scheduler {
         Ok(id)
     }
 
-    /// Makes the host a member of the task (idempotent).
-    fn enroll(&mut self, task_id: TaskId, slot: u32) {
+    /// Makes the host a member of the task (idempotent), unless it is a
+    /// member of [`MAX_TASKS_PER_HOST`] others already.
+    fn enroll(&mut self, task_id: TaskId, slot: u32) -> Result<(), SchedulerError> {
+        let host = self.hosts.get_mut(slot);
+        if !host.tasks.contains(&task_id) && host.tasks.len() >= MAX_TASKS_PER_HOST {
+            return Err(SchedulerError::InvalidArgument(format!(
+                "host {:?} is in {MAX_TASKS_PER_HOST} tasks already",
+                host.id
+            )));
+        }
+        host.tasks.insert(task_id);
         let task = self.tasks.get_mut(&task_id).expect("live task");
         task.members.entry(slot).or_default();
-        self.hosts.get_mut(slot).tasks.insert(task_id);
+        Ok(())
+    }
+
+    /// [`Self::enroll`]; on refusal, a task just created for it is dropped.
+    fn enroll_or_tidy(&mut self, task_id: TaskId, slot: u32) -> Result<(), SchedulerError> {
+        self.enroll(task_id, slot)
+            .inspect_err(|_| self.tidy(task_id, slot))
     }
 
     /// Removes the host from the task if nothing ties it to it any more, and
@@ -621,7 +649,7 @@ impl Scheduler {
     /// Records what the host holds of one blob (Register, Announce).
     fn record_blob(&mut self, slot: u32, blob: Blob) -> Result<(), SchedulerError> {
         let task_id = self.task_for(&blob.digest, blob.size)?;
-        self.enroll(task_id, slot);
+        self.enroll_or_tidy(task_id, slot)?;
         let result = self.apply_blob(task_id, slot, blob);
         self.tidy(task_id, slot);
         result
@@ -883,6 +911,9 @@ struct Hosts {
     by_id: HashMap<String, u32>,
     /// `by_load[l]`: the hosts whose load is `l`, for every `l` below the cap.
     by_load: Vec<Bits>,
+    /// The hosts at a loopback address: parents only for each other (they
+    /// run on the supernode's machine, and no other host can reach them).
+    loopback: Bits,
 }
 
 impl Hosts {
@@ -893,6 +924,7 @@ impl Hosts {
             free: Vec::new(),
             by_id: HashMap::new(),
             by_load: vec![Bits::default(); upload_cap as usize],
+            loopback: Bits::default(),
         }
     }
 
@@ -923,6 +955,7 @@ impl Hosts {
     /// Updates a registered host's address, or adds a new host.
     fn upsert(&mut self, info: HostInfo, now: Instant) -> u32 {
         if let Some(slot) = self.slot_of(&info.id) {
+            self.set_loopback(slot, info.ip);
             let host = self.get_mut(slot);
             host.ip = info.ip;
             host.addr = info.addr;
@@ -937,6 +970,7 @@ impl Hosts {
         });
         self.by_id.insert(info.id.clone(), slot);
         self.by_load[0].insert(slot);
+        self.set_loopback(slot, info.ip);
         self.slots[slot as usize] = Some(Host {
             id: info.id,
             ip: info.ip,
@@ -950,9 +984,18 @@ impl Hosts {
         slot
     }
 
+    fn set_loopback(&mut self, slot: u32, ip: IpAddr) {
+        if ip.is_loopback() {
+            self.loopback.insert(slot);
+        } else {
+            self.loopback.remove(slot);
+        }
+    }
+
     /// Vacates a slot; every [`HostRef`] to it goes stale.
     fn remove(&mut self, slot: u32) -> Host {
         let host = self.slots[slot as usize].take().expect("live host slot");
+        self.loopback.remove(slot);
         self.by_id.remove(&host.id);
         relevel(&mut self.by_load, slot, host.load(), u32::MAX);
         self.generations[slot as usize] = self.generations[slot as usize].wrapping_add(1);
@@ -997,13 +1040,20 @@ impl Hosts {
     }
 
     /// The hosts `caller` may get as parents: below the upload cap, neither
-    /// itself nor one of its `bad_parents`.
+    /// itself nor one of its `bad_parents`, and at a loopback address only
+    /// for a caller at one. (A parent at the caller's own IP registered from
+    /// that IP: it is a daemon on the caller's machine.)
     fn eligible_parents(&self, caller: u32, bad_parents: &[HostRef]) -> Bits {
         let mut eligible = Bits::default();
         for level in &self.by_load {
             eligible.union_with(level);
         }
         eligible.remove(caller);
+        if !self.loopback.contains(caller) {
+            for slot in self.loopback.iter() {
+                eligible.remove(slot);
+            }
+        }
         for &bad in bad_parents {
             if self.is_live(bad) {
                 eligible.remove(bad.slot);

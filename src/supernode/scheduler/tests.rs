@@ -65,10 +65,14 @@ impl Mesh {
     }
 
     fn register(&mut self, id: &str, blobs: Vec<HeldBlob>) {
+        self.register_at(id, "10.0.0.1", blobs);
+    }
+
+    fn register_at(&mut self, id: &str, ip: &str, blobs: Vec<HeldBlob>) {
         let request = RegisterRequest {
             host: Some(api::Host {
                 id: id.into(),
-                ip: "10.0.0.1".into(),
+                ip: ip.into(),
                 upload_port: 65002,
                 supernode: false,
             }),
@@ -1029,4 +1033,103 @@ fn the_repo_copies_only_from_idle_hosts_other_than_the_ingester() {
     assert_eq!(numbers(&response), [0]);
     let from = parents(&response);
     assert!(from == ["b"] || from == ["c"], "{from:?}");
+}
+
+#[test]
+fn a_host_speaks_only_from_its_own_address() {
+    let mut mesh = Mesh::new();
+    mesh.register_at("a", "10.0.0.1", vec![]);
+    let own: IpAddr = "10.0.0.1".parse().unwrap();
+    let other: IpAddr = "10.0.0.66".parse().unwrap();
+    assert!(mesh.scheduler.check_caller("a", own).is_ok());
+    assert!(matches!(
+        mesh.scheduler.check_caller("a", other),
+        Err(SchedulerError::NotTheCaller { .. })
+    ));
+    assert!(mesh.scheduler.check_caller("unknown", other).is_ok());
+    let info = |id: &str, ip: &str| HostInfo {
+        id: id.into(),
+        ip: ip.parse().unwrap(),
+        addr: format!("{ip}:65002"),
+        supernode: false,
+    };
+    assert!(
+        mesh.scheduler
+            .check_registration(&info("a", "10.0.0.1"), own)
+            .is_ok()
+    );
+    assert!(
+        mesh.scheduler
+            .check_registration(&info("a", "10.0.0.66"), other)
+            .is_err(),
+        "id hijacked from another address"
+    );
+    assert!(
+        mesh.scheduler
+            .check_registration(&info("b", "10.0.0.1"), other)
+            .is_err(),
+        "registered another address than the caller's"
+    );
+}
+
+#[test]
+fn a_heartbeats_load_counts_up_to_the_upload_cap() {
+    let mut mesh = Mesh::with_cap(4);
+    mesh.seeds(&["a"]);
+    mesh.heartbeat("a", 1000);
+    let slot = mesh.scheduler.hosts.slot_of("a").unwrap();
+    assert_eq!(mesh.scheduler.hosts.get(slot).load(), 4);
+}
+
+#[test]
+fn loopback_parents_are_offered_only_to_loopback_callers() {
+    let mut mesh = Mesh::new();
+    mesh.register_at("local", "127.0.0.1", vec![held(0..PIECES, true)]);
+    mesh.register_at("remote", "10.0.0.2", vec![]);
+    mesh.join("remote");
+    assert!(mesh.schedule("remote", 0..4).assignments.is_empty());
+    mesh.register_at("neighbour", "127.0.0.2", vec![]);
+    mesh.join("neighbour");
+    assert_eq!(parents(&mesh.schedule("neighbour", 0..4)), ["local"; 4]);
+}
+
+#[test]
+fn hosts_and_their_tasks_are_bounded() {
+    let mut mesh = Mesh::new();
+    mesh.register("greedy", vec![]);
+    for n in 0..MAX_TASKS_PER_HOST as u32 {
+        let request = JoinRequest {
+            host_id: "greedy".into(),
+            digest: Digest::of(&n.to_le_bytes()).to_string(),
+            size: 1,
+        };
+        mesh.scheduler.join(&request, mesh.now).unwrap();
+    }
+    let tasks = mesh.scheduler.task_count();
+    let one_more = JoinRequest {
+        host_id: "greedy".into(),
+        digest: blob().to_string(),
+        size: SIZE,
+    };
+    assert!(invalid(mesh.scheduler.join(&one_more, mesh.now)));
+    assert_eq!(
+        mesh.scheduler.task_count(),
+        tasks,
+        "a task past the cap was kept"
+    );
+    check_invariants(&mesh.scheduler);
+    for n in mesh.scheduler.host_count()..MAX_HOSTS {
+        mesh.register(&format!("host-{n}"), vec![]);
+    }
+    let request = RegisterRequest {
+        host: Some(api::Host {
+            id: "one-too-many".into(),
+            ip: "10.0.0.1".into(),
+            upload_port: 65002,
+            supernode: false,
+        }),
+        blobs: vec![],
+    };
+    assert!(invalid(mesh.scheduler.register(&request, mesh.now)));
+    mesh.register("greedy", vec![]);
 }
