@@ -60,6 +60,10 @@ pub const MAX_ASSIGNMENTS: usize = 32;
 pub const MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT: usize = 4;
 /// Failed transfers from one parent after which a downloader stops getting it.
 pub const FAILURES_TO_DROP: u32 = 2;
+/// Distinct live hosts that must report a bad digest from one parent
+/// before it is banned from the task for everyone: a single (fake) host's
+/// word never bans an honest one.
+pub const BAD_DIGEST_REPORTERS: usize = 2;
 /// Most hosts registered at once: a new host beyond it is refused.
 pub const MAX_HOSTS: usize = 20_000;
 /// Most tasks one host is a member of: a Join, Announce or registered blob
@@ -455,9 +459,10 @@ impl Scheduler {
         Ok(response)
     }
 
-    /// Report: each outcome frees its upload slot. A bad digest bans the
-    /// parent from the task for everyone; [`FAILURES_TO_DROP`] failures drop
-    /// the parent for this reporter only. Reports on a task that no longer
+    /// Report: each outcome frees its upload slot. A bad digest drops the
+    /// parent for the reporter at once, and bans it from the task for
+    /// everyone once [`BAD_DIGEST_REPORTERS`] hosts reported one;
+    /// [`FAILURES_TO_DROP`] failures drop the parent for this reporter only. Reports on a task that no longer
     /// exists are accepted and ignored.
     pub fn report(
         &mut self,
@@ -497,11 +502,7 @@ impl Scheduler {
             }
             match outcome {
                 Outcome::BadDigest if self.tasks[&task_id].holds(parent, number) => {
-                    let why = format!(
-                        "{} received piece {number} with a wrong digest",
-                        self.hosts.get(slot).id
-                    );
-                    self.ban(task_id, parent, why);
+                    self.bad_digest_reported(task_id, slot, parent, number);
                 }
                 Outcome::Failed => self.count_failure(task_id, slot, parent),
                 // The reporter verified the assigned piece and serves it
@@ -710,6 +711,33 @@ impl Scheduler {
             parent: host,
             why,
         });
+    }
+
+    /// `reporter` received piece `number` from `parent` with a wrong digest:
+    /// it stops getting that parent, and the parent is banned from the task
+    /// when [`BAD_DIGEST_REPORTERS`] live hosts said so.
+    fn bad_digest_reported(&mut self, task_id: TaskId, reporter: u32, parent: u32, number: u32) {
+        let reporter_ref = self.hosts.reference(reporter);
+        let parent_ref = self.hosts.reference(parent);
+        let task = self.tasks.get_mut(&task_id).expect("live task");
+        let member = task.members.get_mut(&reporter).expect("enrolled reporter");
+        if !member.bad_parents.contains(&parent_ref) {
+            member.bad_parents.push(parent_ref);
+        }
+        let accused = task.members.get_mut(&parent).expect("a holder is a member");
+        if !accused.accusers.contains(&reporter_ref) {
+            accused.accusers.push(reporter_ref);
+        }
+        let hosts = &self.hosts;
+        accused.accusers.retain(|&r| hosts.is_live(r));
+        if accused.accusers.len() >= BAD_DIGEST_REPORTERS {
+            let why = format!(
+                "{} hosts received pieces with a wrong digest (the last: piece {number} by {})",
+                accused.accusers.len(),
+                hosts.get(reporter).id
+            );
+            self.ban(task_id, parent, why);
+        }
     }
 
     /// Counts a failed transfer from `parent` to `reporter`; at
@@ -1184,8 +1212,11 @@ struct Member {
     /// Downloads, and its last Schedule call got nothing although some
     /// wanted piece had holders.
     waiting: bool,
-    /// Parents it does not get any more (failed too often).
+    /// Parents it does not get any more (failed too often, or sent it a
+    /// piece with a wrong digest).
     bad_parents: Vec<HostRef>,
+    /// Hosts that reported a wrong digest from it.
+    accusers: Vec<HostRef>,
     /// Failed transfers from each parent.
     failures: Vec<(HostRef, u32)>,
 }

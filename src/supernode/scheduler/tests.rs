@@ -524,13 +524,27 @@ fn reported_uploads_count_as_load() {
 }
 
 #[test]
-fn a_bad_digest_drops_the_parent_from_the_task_for_everyone() {
+fn a_bad_digest_drops_the_parent_for_the_reporter_and_two_ban_it_for_everyone() {
     let mut mesh = Mesh::new();
     mesh.seeds(&["a", "b"]);
     mesh.joiners(&["x", "y"]);
     let response = mesh.schedule("x", [0]);
     let bad = parent_of(&response.assignments[0]).to_owned();
     mesh.report("x", &[(0, &bad, Outcome::BadDigest)]);
+    assert!(mesh.events().is_empty(), "one host's word banned a parent");
+    let response = mesh.schedule("x", 0..PIECES);
+    assert!(parents(&response).iter().all(|&p| p != bad));
+    mesh.report_all("x", &response, Outcome::Ok);
+    let response = mesh.schedule("y", 0..PIECES);
+    let number = response
+        .assignments
+        .iter()
+        .find(|a| parent_of(a) == bad)
+        .expect("the other downloader still gets the accused parent")
+        .number;
+    mesh.report_all("y", &response, Outcome::Ok);
+    mesh.events();
+    mesh.report("y", &[(number, &bad, Outcome::BadDigest)]);
     assert!(matches!(
         mesh.events().as_slice(),
         [Event::BadParent { parent, .. }] if *parent == bad
