@@ -39,8 +39,13 @@ const SCHEDULE_WAIT: Duration = Duration::from_secs(1);
 const WANTED_PER_SLOT: usize = 8;
 /// Pause before asking again after a Schedule failed.
 const RESCHEDULE: Duration = Duration::from_millis(150);
-/// How many stall timeouts a download waits for the first piece to exist.
-const FIRST_PIECE_PATIENCE: u32 = 4;
+/// How many stall timeouts a download waits without a piece while it has a
+/// reason to: the first piece does not exist yet (the ingester's registry
+/// fetch is slow to start under load), transfers are in flight (each fails
+/// on its own after 5 s without a byte), or the supernode says every holder
+/// of the wanted pieces is at its upload cap (the mesh is busy, not stuck).
+/// Still bounded, so a mesh much slower than the registry is left.
+const WAITING_PATIENCE: u32 = 4;
 
 /// Why a download stopped.
 #[derive(Debug, PartialEq, Eq)]
@@ -89,6 +94,7 @@ pub async fn download(
         retry_at: None,
         last_progress: Instant::now(),
         pieces_seen: false,
+        parents_busy: false,
     };
     let end = download.run().await;
     // Transfers still in flight write into the ingest file: stop them, and
@@ -131,6 +137,8 @@ struct Download<'a> {
     retry_at: Option<Instant>,
     last_progress: Instant,
     pieces_seen: bool,
+    /// The last Schedule assigned nothing because the holders were busy.
+    parents_busy: bool,
 }
 
 /// What woke the download.
@@ -196,14 +204,14 @@ impl Download<'_> {
         Ok(())
     }
 
-    /// How long the download may go without a piece: until some peer has
-    /// one, the wait is for the ingester's first piece from the registry
-    /// (slow to start under load), so longer, but still bounded.
+    /// How long the download may go without a piece: the stall timeout, or
+    /// [`WAITING_PATIENCE`] times it before the first piece exists, while
+    /// transfers are in flight and while the holders are busy.
     fn patience(&self) -> Duration {
-        if self.pieces_seen {
+        if self.pieces_seen && !self.parents_busy && self.in_flight.is_empty() {
             self.mesh.config.stall_timeout
         } else {
-            self.mesh.config.stall_timeout * FIRST_PIECE_PATIENCE
+            self.mesh.config.stall_timeout * WAITING_PATIENCE
         }
     }
 
@@ -290,6 +298,7 @@ impl Download<'_> {
                 return Some(take_over(self.task, self.ingest));
             }
             Ok(answer) => {
+                self.parents_busy = answer.value.parents_busy;
                 if answer.value.assignments.is_empty() {
                     return None;
                 }

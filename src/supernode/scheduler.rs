@@ -454,7 +454,8 @@ impl Scheduler {
             // A downloader starved by busy parents, not by pieces nobody has.
             let downloading = task.ingester != Some(slot);
             let starved = response.assignments.is_empty();
-            task.set_waiting(slot, downloading && servable && starved);
+            response.parents_busy = downloading && servable && starved;
+            task.set_waiting(slot, response.parents_busy);
         }
         Ok(response)
     }

@@ -7,7 +7,7 @@ use crate::protocol::api::{self, HeldBlob, PieceResult};
 
 /// Pieces of the test blob.
 const PIECES: u32 = 64;
-const PIECE: i64 = 4 << 20;
+const PIECE: i64 = crate::protocol::piece::DEFAULT_PIECE_SIZE as i64;
 const SIZE: i64 = PIECES as i64 * PIECE;
 
 fn blob() -> Digest {
@@ -464,6 +464,24 @@ fn while_others_wait_with_nothing_a_call_gets_few_assignments() {
     assert_eq!(second.assignments.len(), MAX_ASSIGNMENTS_WHILE_OTHERS_WAIT);
     // ...and x the rest (of a's slots: it asks for what only a holds).
     assert_eq!(mesh.schedule("x", 8..PIECES).assignments.len(), 4);
+}
+
+#[test]
+fn an_empty_answer_says_whether_the_holders_are_busy() {
+    let mut mesh = Mesh::new();
+    mesh.joiners(&["i", "w", "x"]);
+    // Nobody holds a piece yet: nothing to wait for but the ingester.
+    let nothing = mesh.schedule("w", 0..PIECES);
+    assert!(nothing.assignments.is_empty() && !nothing.parents_busy);
+    mesh.seeds(&["a"]);
+    let first = mesh.schedule("w", 0..PIECES);
+    assert!(!first.assignments.is_empty() && !first.parents_busy);
+    // a's upload slots all went to w: x waits on a busy holder.
+    let starved = mesh.schedule("x", 0..PIECES);
+    assert!(starved.assignments.is_empty() && starved.parents_busy);
+    mesh.report_all("w", &first, Outcome::Ok);
+    let freed = mesh.schedule("x", 0..PIECES);
+    assert!(!freed.assignments.is_empty() && !freed.parents_busy);
 }
 
 #[test]
