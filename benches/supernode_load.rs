@@ -1,5 +1,5 @@
 //! Supernode load benchmark: 10,000 simulated daemons fetch one 1 GiB blob
-//! (256 pieces of 4 MiB) through the supernode. One seeds the whole blob; the
+//! (1024 pieces of 1 MiB) through the supernode. One seeds the whole blob; the
 //! others repeatedly Schedule a window of the pieces they miss and, one pass
 //! over all daemons later (the transfers stay in flight meanwhile, so upload
 //! caps bind), Report each transfer OK and Announce what they got, until all

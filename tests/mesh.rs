@@ -30,11 +30,10 @@ use common::{
     wait_for,
 };
 
-const MIB: u64 = 1024 * 1024;
 /// The image most tests pull: 3 uncompressed layers of 128, 96 and 32 MiB.
 const BENCH256: &str = "damselfly/bench256:v1";
-/// Piece size of every blob here (under 4 GiB).
-const PIECE: u64 = 4 * MIB;
+/// Piece size of every blob here (under 1 GiB).
+const PIECE: u64 = damselfly::protocol::piece::DEFAULT_PIECE_SIZE;
 /// dfdaemon's log message when a node fetches a blob from the registry
 /// itself (as the elected ingester, or after a take-over or a stall).
 const INGESTING: &str = ": ingesting from the registry ";

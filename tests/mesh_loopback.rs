@@ -17,8 +17,9 @@ use damselfly::protocol::api::{JoinRequest, Role};
 use damselfly::store::Digest;
 
 const MIB: usize = 1 << 20;
-/// Pieces are 4 MiB: this blob has three, the last one short.
-const SIZE: usize = 9 * MIB;
+const PIECE: usize = damselfly::protocol::piece::DEFAULT_PIECE_SIZE as usize;
+/// Three pieces, the last one short.
+const SIZE: usize = 2 * PIECE + PIECE / 4;
 const LONG: Duration = Duration::from_secs(30);
 
 #[test]
@@ -99,7 +100,7 @@ fn when_the_ingester_dies_a_downloader_takes_over_from_its_verified_offset() {
 
     let mut ingesting = ingester.open(&data);
     assert_eq!(ingester.settle(&mut ingesting), 0);
-    ingester.write_from_registry(&mut ingesting, &data, 4 * MIB + 1);
+    ingester.write_from_registry(&mut ingesting, &data, PIECE + 1);
     let mut downloading = downloader.open(&data);
     let offset = std::thread::scope(|scope| {
         let settled = scope.spawn(|| downloader.settle(&mut downloading));
@@ -111,12 +112,8 @@ fn when_the_ingester_dies_a_downloader_takes_over_from_its_verified_offset() {
     });
     drop(ingesting);
 
-    assert_eq!(
-        offset,
-        4 * MIB as i64,
-        "resumes after the piece it verified"
-    );
-    assert_eq!(downloader.stat(|s| &s.peer_bytes), 4 * MIB as u64);
+    assert_eq!(offset, PIECE as i64, "resumes after the piece it verified");
+    assert_eq!(downloader.stat(|s| &s.peer_bytes), PIECE as u64);
     let take_overs = supernode.metric("damselfly_supernode_take_overs_total");
     let stalls = downloader.stat(|s| &s.stalls);
     assert!(
@@ -127,7 +124,7 @@ fn when_the_ingester_dies_a_downloader_takes_over_from_its_verified_offset() {
     assert_eq!(downloader.commit(downloading), Digest::of(&data));
     assert_eq!(
         downloader.stat(|s| &s.registry_bytes),
-        (SIZE - 4 * MIB) as u64
+        (SIZE - PIECE) as u64
     );
 }
 

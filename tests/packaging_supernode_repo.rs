@@ -14,8 +14,8 @@ use std::time::Duration;
 use common::mesh::{field, metric, scrape, start_nodes, start_supernode_with, testbed, with_infra};
 use common::wait_for;
 
-/// Every piece here is 4 MiB (blobs under 4 GiB).
-const PIECE: u64 = 4 << 20;
+/// Every piece here has the default size (blobs under 1 GiB).
+const PIECE: u64 = damselfly::protocol::piece::DEFAULT_PIECE_SIZE;
 
 #[test]
 fn restarted_supernode_serves_its_repo_again_without_refetching() {

@@ -117,8 +117,8 @@ async fn a_huge_register_is_refused_and_the_supernode_stays_small_and_responsive
                 let request = register(&id, ATTACKER_IP, fake_blobs(40_000, 1 << 30));
                 huge.push(attacker.register(request).await.map(|_| ()));
             }
-            // At the limits: 128 blobs of 4 GiB, 1024 pieces each.
-            let at_limits = register(&id, ATTACKER_IP, fake_blobs(128, 4 << 30));
+            // At the limits: 256 blobs of 4 GiB, 1024 pieces each.
+            let at_limits = register(&id, ATTACKER_IP, fake_blobs(256, 4 << 30));
             (huge, attacker.register(at_limits).await.map(|_| ()))
         }
     });

@@ -1,11 +1,15 @@
 //! Pieces: the fixed-size ranges a blob is cut into for the mesh.
 
-/// Default piece size.
-pub const DEFAULT_PIECE_SIZE: u64 = 4 << 20;
+/// Default piece size. 1 MiB rather than 4: a piece is forwarded only once
+/// it is whole and verified, so each hop of the rollout trails the one before
+/// by about a piece's transfer time on a shared uplink; with 4 MiB the
+/// slowest of 8 nodes took 1.45-1.53x the one-copy time, with 1 MiB
+/// 1.25-1.28x (bench/RESULTS.md).
+pub const DEFAULT_PIECE_SIZE: u64 = 1 << 20;
 /// Most pieces a blob is cut into; larger blobs get larger pieces.
 pub const MAX_PIECES: u64 = 1024;
 
-/// The piece size for a blob of `size` bytes: 4 MiB, doubled until the blob
+/// The piece size for a blob of `size` bytes: 1 MiB, doubled until the blob
 /// has at most [`MAX_PIECES`] pieces. Every node computes the same value.
 pub fn piece_size(size: u64) -> u64 {
     let mut piece = DEFAULT_PIECE_SIZE;
@@ -33,8 +37,9 @@ mod tests {
     #[test]
     fn small_blobs_use_the_default_and_large_ones_cap_the_count() {
         assert_eq!(piece_size(1), DEFAULT_PIECE_SIZE);
-        assert_eq!(piece_size(4 << 30), DEFAULT_PIECE_SIZE);
-        assert_eq!(piece_size((4 << 30) + 1), 2 * DEFAULT_PIECE_SIZE);
+        let largest_at_default = MAX_PIECES * DEFAULT_PIECE_SIZE;
+        assert_eq!(piece_size(largest_at_default), DEFAULT_PIECE_SIZE);
+        assert_eq!(piece_size(largest_at_default + 1), 2 * DEFAULT_PIECE_SIZE);
         assert!(piece_count(100 << 30, piece_size(100 << 30)) as u64 <= MAX_PIECES);
     }
 

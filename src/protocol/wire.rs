@@ -143,8 +143,9 @@ pub fn check_piece(number: u32, count: u32) -> Result<(), InvalidMessage> {
 /// it registers within bounds).
 pub const MAX_BLOBS_PER_REGISTER: usize = 4096;
 /// Most pieces the blobs of one Register may have in all (by their sizes):
-/// 512 GiB of content in 4 MiB pieces.
-pub const MAX_PIECES_PER_REGISTER: u64 = 128 * 1024;
+/// 256 GiB of content in 1 MiB pieces, more in blobs over 1 GiB (whose pieces
+/// are larger).
+pub const MAX_PIECES_PER_REGISTER: u64 = 256 * 1024;
 /// Largest blob the mesh handles: 1 TiB.
 pub const MAX_BLOB_SIZE: u64 = 1 << 40;
 
@@ -309,7 +310,8 @@ mod tests {
 
     #[test]
     fn blobs_need_consistent_sizes_and_pieces() {
-        let size = 10 << 20;
+        // Three pieces, the last one short.
+        let size = (5 * crate::protocol::piece::DEFAULT_PIECE_SIZE / 2) as i64;
         assert_eq!(blob(Some(&held(size, &[0, 2]))).unwrap().pieces.len(), 2);
         assert!(blob(Some(&held(size, &[3]))).is_err(), "piece past the end");
         assert!(blob(Some(&held(size, &[1, 1]))).is_err(), "piece twice");
@@ -342,7 +344,11 @@ mod tests {
         too_many.push(held(1, &[]));
         assert!(registration(&request(too_many)).is_err(), "blob count");
         let huge = MAX_BLOB_SIZE as i64;
-        let heavy = vec![held(huge, &[]); 129];
+        // Every blob this large has MAX_PIECES pieces.
+        let at_limit = (MAX_PIECES_PER_REGISTER / crate::protocol::piece::MAX_PIECES) as usize;
+        let mut heavy = vec![held(huge, &[]); at_limit];
+        assert!(registration(&request(heavy.clone())).is_ok());
+        heavy.push(held(huge, &[]));
         assert!(registration(&request(heavy)).is_err(), "pieces in all");
         assert!(blob(Some(&held(huge + 1, &[]))).is_err(), "blob size");
     }

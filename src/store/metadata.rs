@@ -77,7 +77,7 @@ pub struct IngestMeta {
 /// The size of a committed blob and the sha256 of each of its pieces, so
 /// that a node can offer the blob to peers after a restart without reading
 /// it again. Stored as 8 bytes of size and 8 of piece size (little endian),
-/// then 32 bytes per piece: a 1 GiB blob in 4 MiB pieces takes 8 KiB.
+/// then 32 bytes per piece: a 1 GiB blob in 1 MiB pieces takes 32 KiB.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PieceRecord {
     pub size: u64,

@@ -39,7 +39,7 @@ const REPO_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest request accepted. A registration lists every blob a daemon
 /// offers with each piece's digest, about 80 bytes a piece: 64 MiB covers
-/// some 800,000 pieces, over 3 TiB of content in 4 MiB pieces.
+/// some 800,000 pieces, over 780 GiB of content in 1 MiB pieces.
 const MAX_REGISTRATION_BYTES: usize = 64 << 20;
 
 /// What the supernode needs to run.
