@@ -17,7 +17,7 @@ use crate::fastpath::{self, FastPath, FastPathConfig};
 use crate::mesh::metrics::MeshCollector;
 use crate::mesh::{Mesh, MeshConfig};
 use crate::registry::{Registries, RegistryConfig};
-use crate::shutdown::{STOP_WITHIN, Shutdown};
+use crate::shutdown::Shutdown;
 use crate::snapshotter::{RemoteLayers, Snapshotter};
 use crate::{metrics, plugin, store::Store};
 
@@ -47,17 +47,12 @@ pub struct DaemonConfig {
 }
 
 /// Runs the daemon until a termination signal, then waits (up to
-/// [`STOP_WITHIN`]) for its background tasks to end. With both plugins
+/// [`crate::shutdown::STOP_WITHIN`]) for its background tasks to end. With both plugins
 /// served, the snapshotter takes containerd's remote-snapshot fast path.
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     crate::store::require_blocking_runtime()?;
     let shutdown = Shutdown::on_signals().context("handle SIGINT and SIGTERM")?;
-    let served = serve(config, &shutdown).await;
-    let stopped = shutdown.stop(STOP_WITHIN).await;
-    served?;
-    stopped?;
-    tracing::info!("stopped");
-    Ok(())
+    shutdown.serve_then_stop(serve(config, &shutdown)).await
 }
 
 /// Serves the plugins until `shutdown` is cancelled or one of them fails,

@@ -89,6 +89,21 @@ impl Shutdown {
         self.tasks.len()
     }
 
+    /// Awaits `served` (a daemon's servers, which return once the handle is
+    /// cancelled or one fails), then stops every background task within
+    /// [`STOP_WITHIN`]: the servers' error first, else the stop's.
+    pub async fn serve_then_stop(
+        &self,
+        served: impl Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<()> {
+        let served = served.await;
+        let stopped = self.stop(STOP_WITHIN).await;
+        served?;
+        stopped?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+
     /// Cancels the handle and waits up to `within` for every background
     /// task to end.
     pub async fn stop(&self, within: Duration) -> Result<(), Unfinished> {

@@ -24,7 +24,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::mesh::MeshConfig;
 use crate::mesh::metrics::MeshCollector;
 use crate::protocol::api::supernode_server::SupernodeServer;
-use crate::shutdown::{STOP_WITHIN, Shutdown};
+use crate::shutdown::Shutdown;
 use metrics::SupernodeMetrics;
 use repo::{Repo, RepoConfig};
 use scheduler::SchedulerConfig;
@@ -64,7 +64,7 @@ pub struct SupernodeConfig {
 const RAN_BEFORE: &str = "ran-before";
 
 /// Runs the supernode until SIGINT or SIGTERM, then waits (up to
-/// [`STOP_WITHIN`]) for its background tasks to end.
+/// [`crate::shutdown::STOP_WITHIN`]) for its background tasks to end.
 pub async fn run(mut config: SupernodeConfig) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals().context("handle SIGINT and SIGTERM")?;
     tokio::fs::create_dir_all(&config.data_dir)
@@ -125,7 +125,7 @@ pub async fn run(mut config: SupernodeConfig) -> anyhow::Result<()> {
 /// Serves the gRPC API on `grpc` and the metrics on `metrics` until
 /// `shutdown` is cancelled, expiring silent hosts every heartbeat interval,
 /// and has `repo` (if any, started on the same `shutdown`) copy each new
-/// blob. Then waits (up to [`STOP_WITHIN`]) for every task of `shutdown` to
+/// blob. Then waits (up to [`crate::shutdown::STOP_WITHIN`]) for every task of `shutdown` to
 /// end.
 pub async fn serve(
     config: SchedulerConfig,
@@ -135,12 +135,9 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     crate::store::require_blocking_runtime()?;
-    let served = serve_until(config, grpc, metrics, repo, &shutdown).await;
-    let stopped = shutdown.stop(STOP_WITHIN).await;
-    served?;
-    stopped?;
-    tracing::info!("stopped");
-    Ok(())
+    shutdown
+        .serve_then_stop(serve_until(config, grpc, metrics, repo, &shutdown))
+        .await
 }
 
 async fn serve_until(
