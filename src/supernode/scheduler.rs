@@ -686,7 +686,12 @@ impl Scheduler {
         if blob.complete {
             task.mark_complete(slot);
         }
-        if blob.ingesting && task.ingester.is_none() {
+        // A host that holds the blob whole ingests it no more: an
+        // announcement sent while it ingested may arrive after the one that
+        // said complete, and must not make it the ingester again (the repo
+        // never copies from the ingester, so its last pieces would wait for
+        // it forever).
+        if blob.ingesting && task.ingester.is_none() && !task.members[&slot].complete {
             task.ingester = Some(slot);
             task.stop_downloading(slot);
         }

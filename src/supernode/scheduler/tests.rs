@@ -985,6 +985,29 @@ fn a_freshly_started_scheduler_elects_no_ingester_during_recovery() {
 }
 
 #[test]
+fn a_late_ingesting_announcement_does_not_make_a_complete_host_the_ingester() {
+    let mut mesh = Mesh::new();
+    mesh.register("a", vec![]);
+    assert_eq!(mesh.join("a"), Role::Ingest);
+    mesh.announce("a", held(0..PIECES, true)).unwrap();
+    // Sent while a still ingested, received after it said complete.
+    let mut late = held(0..PIECES - 1, false);
+    late.ingesting = true;
+    mesh.announce("a", late).unwrap();
+    // The repo copies only from hosts that are not ingesting: it gets every
+    // piece from a, one per call.
+    mesh.register_repo("repo");
+    mesh.join("repo");
+    let mut copied = Vec::new();
+    while copied.len() < PIECES as usize {
+        let response = mesh.schedule("repo", (0..PIECES).filter(|n| !copied.contains(n)));
+        assert_eq!(response.assignments.len(), 1, "after {copied:?}");
+        mesh.report_all("repo", &response, Outcome::Ok);
+        copied.extend(numbers(&response));
+    }
+}
+
+#[test]
 fn a_supernode_repo_never_ingests_and_is_named_as_such_to_downloaders() {
     let mut mesh = Mesh::new();
     mesh.register_repo("repo");
