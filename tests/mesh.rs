@@ -22,12 +22,11 @@ use containerd_client::services::v1::ListStatusesRequest;
 use containerd_client::services::v1::content_client::ContentClient;
 
 use common::mesh::{
-    field, metric, scrape, start_node, start_nodes, start_supernode, start_supernode_with, testbed,
-    with_infra,
+    field, image_bytes, layer_blobs, lines_with, metric, pull, scrape, start_node, start_nodes,
+    start_supernode, start_supernode_with, testbed, with_infra,
 };
 use common::{
-    CatalogBlob, CatalogImage, Containerd, Dfdaemon, Node, Registry, rendezvous_owner, sha256_file,
-    wait_for,
+    CatalogImage, Containerd, Dfdaemon, Node, Registry, rendezvous_owner, sha256_file, wait_for,
 };
 
 /// The image most tests pull: 3 uncompressed layers of 128, 96 and 32 MiB.
@@ -39,9 +38,6 @@ const PIECE: u64 = damselfly::protocol::piece::DEFAULT_PIECE_SIZE;
 const INGESTING: &str = ": ingesting from the registry ";
 /// dfdaemon's log message when a node fetches a blob from peers.
 const DOWNLOADING: &str = ": downloading from peers ";
-/// `ctr --timeout` of every pull: far above any pull here, so only a hang
-/// reaches it.
-const PULL_TIMEOUT: &str = "180s";
 
 /// ≥ 4 nodes pull a new 256 MiB image of 3 layers at the same moment: each
 /// ends with every blob, verified; the registry sent about one copy; each
@@ -897,28 +893,6 @@ fn pull_while(
     })
 }
 
-/// `ctr image pull --plain-http reference`: its time, or its stderr.
-fn pull(containerd: &Containerd, reference: &str) -> Result<Duration, String> {
-    let start = Instant::now();
-    let out = containerd.ctr(&[
-        "--timeout",
-        PULL_TIMEOUT,
-        "image",
-        "pull",
-        "--plain-http",
-        reference,
-    ]);
-    if out.status.success() {
-        Ok(start.elapsed())
-    } else {
-        Err(format!(
-            "ctr image pull {reference} failed after {:.1} s: {}",
-            start.elapsed().as_secs_f64(),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 /// Each node's log from its mark on.
 fn logs_since(nodes: &[Node], marks: &[usize]) -> Vec<String> {
     nodes
@@ -966,33 +940,6 @@ fn assert_holds_image(name: &str, dfdaemon: &Dfdaemon, image: &CatalogImage) {
             "{name}: a blob does not hash to its digest"
         );
     }
-}
-
-/// Bytes of the image's layers, and of its other blobs (manifest, config).
-fn image_bytes(image: &CatalogImage) -> (u64, u64) {
-    let blobs = image.amd64_blobs();
-    let layers = blobs
-        .iter()
-        .filter(|b| b.kind == "layer")
-        .map(|b| b.size)
-        .sum();
-    let small = blobs
-        .iter()
-        .filter(|b| b.kind != "layer")
-        .map(|b| b.size)
-        .sum();
-    (layers, small)
-}
-
-/// The image's layers, largest first.
-fn layer_blobs(image: &CatalogImage) -> Vec<CatalogBlob> {
-    let mut layers: Vec<CatalogBlob> = image
-        .amd64_blobs()
-        .into_iter()
-        .filter(|b| b.kind == "layer")
-        .collect();
-    layers.sort_by_key(|b| std::cmp::Reverse(b.size));
-    layers
 }
 
 /// The image with only the blobs in `digests`.
@@ -1074,13 +1021,6 @@ fn assert_each_layer_ingested_once(
             );
         }
     }
-}
-
-/// Log lines with `message` that name `digest`.
-fn lines_with<'a>(log: &'a str, message: &str, digest: &str) -> Vec<&'a str> {
-    log.lines()
-        .filter(|l| l.contains(message) && l.contains(digest))
-        .collect()
 }
 
 /// One `downloading piece` log line.

@@ -191,7 +191,7 @@ impl Fetch {
         if let Some(session) = session.as_mut() {
             let verified = session.verified_prefix();
             tokio::select! {
-                settled = session.before_stat(&mut ingest) => settled.map_err(store_error)?,
+                settled = session.before_stat(&mut ingest, std::future::pending()) => settled.map_err(store_error)?,
                 stopped = follow(&file, verified, &mut sent, chunks, digest) => return Err(stopped),
             }
         }

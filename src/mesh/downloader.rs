@@ -4,6 +4,8 @@
 //! others can fetch from this node. It stops on completion, when elected to
 //! take over ingesting, or when no piece arrived for the stall timeout: the
 //! caller then lets containerd go to the registry from the verified offset.
+//! It also stops when the writer's client goes away: then nobody on this node
+//! waits for the blob (see [`DownloadEnd::ClientGone`]).
 //!
 //! A [`Download`] sleeps until something happens: a transfer finishes, the
 //! supernode answers a Schedule (which it holds until it has something to
@@ -11,6 +13,8 @@
 
 use std::collections::HashSet;
 use std::fs::File;
+use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -57,17 +61,26 @@ pub enum DownloadEnd {
     TakeOver,
     /// No progress for the stall timeout, or the supernode is unreachable.
     Stalled,
+    /// The client that waited for the blob went away (containerd's pull was
+    /// cancelled). The download stops rather than finishing on its own: the
+    /// ingest is that client's (its lease keeps it, containerd's GC aborts
+    /// it), so nothing on this node would use the rest, and the peers that
+    /// want the blob are served by its other holders. What was verified
+    /// stays in the ingest for a retry.
+    ClientGone,
 }
 
 /// Downloads `task` into `ingest` until one of [`DownloadEnd`]. The ingest
 /// ends at the verified contiguous offset, with nothing unverified after it;
-/// `verified`, if given, follows that offset as it grows.
+/// `verified`, if given, follows that offset as it grows. `client_gone`
+/// completes if the client waiting for the blob goes away.
 pub async fn download(
     mesh: &Arc<Mesh>,
     task: &Arc<LocalTask>,
     ingest: &mut Ingest,
     supernode: &str,
     verified: Option<&watch::Sender<u64>>,
+    client_gone: impl Future<Output = ()> + Send,
 ) -> Result<DownloadEnd, StoreError> {
     let file = Arc::new(block_in_place(|| ingest.data_file())?);
     block_in_place(|| ingest.begin_out_of_order())?;
@@ -87,6 +100,7 @@ pub async fn download(
         supernode,
         announce,
         verified,
+        client_gone: pin!(client_gone),
         contiguous: 0,
         transfers: JoinSet::new(),
         in_flight: HashSet::new(),
@@ -127,6 +141,8 @@ struct Download<'a> {
     announce: Arc<Notify>,
     /// Readers that follow the verified prefix as it grows.
     verified: Option<&'a watch::Sender<u64>>,
+    /// Completes when the client waiting for the blob went away.
+    client_gone: Pin<&'a mut (dyn Future<Output = ()> + Send + 'a)>,
     /// Pieces held from piece 0 without a gap.
     contiguous: u32,
     transfers: JoinSet<(Transfer, Result<(), FetchError>)>,
@@ -146,6 +162,7 @@ enum Wake {
     Transfer(Transfer, Result<(), FetchError>),
     Answer(ScheduleAnswer),
     Deadline,
+    ClientGone,
 }
 
 impl Download<'_> {
@@ -167,6 +184,10 @@ impl Download<'_> {
                 }
                 Wake::Answer(answer) => self.answered(answer).await,
                 Wake::Deadline => None,
+                Wake::ClientGone => {
+                    tracing::info!(digest = %self.task.digest, offset = self.ingest.offset(), "the client went away; stopping the download");
+                    Some(DownloadEnd::ClientGone)
+                }
             };
             if let Some(end) = end {
                 return Ok(end);
@@ -263,8 +284,9 @@ impl Download<'_> {
         })));
     }
 
-    /// Waits for a finished transfer, the Schedule answer, or the next
-    /// deadline (the stall timeout, or the retry after a failed call).
+    /// Waits for a finished transfer, the Schedule answer, the client's
+    /// going away, or the next deadline (the stall timeout, or the retry
+    /// after a failed call).
     async fn next_event(&mut self) -> Wake {
         let stall = self.last_progress + self.patience();
         let deadline = self.retry_at.map_or(stall, |at| at.min(stall));
@@ -282,6 +304,7 @@ impl Download<'_> {
                     Err(_) => Wake::Deadline,
                 }
             }
+            () = &mut self.client_gone => Wake::ClientGone,
             () = tokio::time::sleep_until(deadline) => {
                 if self.retry_at.is_some_and(|at| at <= Instant::now()) {
                     self.retry_at = None;

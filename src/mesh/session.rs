@@ -4,8 +4,14 @@
 //! (the STAT is held until the blob is complete, so containerd commits
 //! without asking the registry) or ingest from the registry (containerd
 //! streams the blob in; each piece is announced as it completes).
+//!
+//! A session's life is a [`Phase`]. Every end but a commit abandons it: the
+//! node stops serving the blob from the ingest and tells the supernode
+//! (`Leave`), which elects another ingester at once, and the ingest (with
+//! the ref's lock) is closed by the Write that owned the session.
 
 use std::fs::File;
+use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,19 +28,34 @@ use crate::protocol::api::Role;
 use crate::protocol::piece::{piece_count, piece_range, piece_size};
 use crate::store::{Digest, Ingest, StoreError, digest_in_ref};
 
+/// Where a session is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the supernode to give this node a role.
+    Joining,
+    /// Fetching pieces from peers (and, once whole, waiting for the commit).
+    Downloading,
+    /// containerd streams the blob from the registry; pieces are announced.
+    Ingesting,
+    /// The blob is in the store: this node holds it for good.
+    Committed,
+    /// Ended without a commit (containerd's client went away, a write
+    /// failed, the disk is full): the node left the task.
+    Abandoned,
+}
+
 /// The mesh side of one Write stream.
 pub struct BlobSession {
     mesh: Arc<Mesh>,
     digest: Digest,
     size: u64,
+    phase: Phase,
     join: Option<JoinHandle<Option<(Role, String)>>>,
     ingesting: Option<Ingesting>,
     task: Option<Arc<LocalTask>>,
     /// How much of the blob, from offset 0, the ingest holds verified
     /// while peers' pieces arrive.
     verified: watch::Sender<u64>,
-    /// The blob was committed: the session ends with this node holding it.
-    committed: bool,
 }
 
 /// This node writes the blob from the registry and publishes its pieces.
@@ -64,11 +85,11 @@ impl BlobSession {
             mesh: mesh.clone(),
             digest,
             size: total as u64,
+            phase: Phase::Joining,
             join: Some(join),
             ingesting: None,
             task: None,
             verified: watch::Sender::new(0),
-            committed: false,
         })
     }
 
@@ -79,8 +100,14 @@ impl BlobSession {
     }
 
     /// Called before answering each STAT after the negotiation. The first
-    /// call settles the role and, for a downloader, downloads.
-    pub async fn before_stat(&mut self, ingest: &mut Ingest) -> Result<(), StoreError> {
+    /// call settles the role and, for a downloader, downloads, until
+    /// `client_gone` completes (the client waiting for the STAT went away):
+    /// then the session is abandoned.
+    pub async fn before_stat(
+        &mut self,
+        ingest: &mut Ingest,
+        client_gone: impl Future<Output = ()> + Send,
+    ) -> Result<(), StoreError> {
         let Some(join) = self.join.take() else {
             return Ok(());
         };
@@ -97,11 +124,18 @@ impl BlobSession {
         block_in_place(|| seed_verified_prefix(&task, ingest))?;
         if role == Role::Download {
             tracing::info!(digest = %self.digest, size = self.size, %supernode, "downloading from peers");
-            match download(&self.mesh, &task, ingest, &supernode, Some(&self.verified)).await? {
+            self.phase = Phase::Downloading;
+            let verified = Some(&self.verified);
+            match download(&self.mesh, &task, ingest, &supernode, verified, client_gone).await? {
                 DownloadEnd::Complete => return Ok(()),
+                DownloadEnd::ClientGone => {
+                    self.abandon("containerd's client went away");
+                    return Ok(());
+                }
                 DownloadEnd::TakeOver | DownloadEnd::Stalled => {}
             }
         }
+        self.phase = Phase::Ingesting;
         tracing::info!(digest = %self.digest, size = self.size, offset = ingest.offset(), %supernode, "ingesting from the registry");
         task.start_ingesting();
         let hasher = block_in_place(|| PieceHasher::resume(&task, ingest))?;
@@ -149,29 +183,43 @@ impl BlobSession {
 
     /// The blob was committed: tell the supernode this node holds all of it.
     pub fn committed(&mut self) {
-        self.committed = true;
+        self.phase = Phase::Committed;
         if let Some(task) = self.task.clone() {
             let mesh = self.mesh.clone();
             tokio::spawn(async move { mesh.committed(&task).await });
         }
     }
-}
 
-impl Drop for BlobSession {
-    /// The stream ended: stop announcing and serving from the ingest (a
-    /// committed blob is served from the store from now on). Ended any
-    /// other way (containerd's client went away, the write failed, the
-    /// disk is full), the node leaves the task, so that the supernode
-    /// stops sending peers here and elects another ingester at once.
-    fn drop(&mut self) {
+    /// Ends the session without a commit: stops announcing and serving
+    /// from the ingest, and leaves the task, so that the supernode stops
+    /// sending peers here and elects another ingester at once.
+    fn abandon(&mut self, why: &str) {
+        if self.phase == Phase::Abandoned {
+            return;
+        }
+        let phase = std::mem::replace(&mut self.phase, Phase::Abandoned);
+        self.ingesting = None;
         let Some(task) = &self.task else { return };
+        tracing::info!(digest = %self.digest, ?phase, pieces = task.first_missing_from(0), why, "abandoning the blob; leaving the task");
         self.mesh.tasks.finish(task);
         // Outside a runtime (the daemon is shutting down) nobody is told:
         // the supernode expires the host instead.
-        if let (false, Ok(runtime)) = (self.committed, tokio::runtime::Handle::try_current()) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let mesh = self.mesh.clone();
             let digest = task.digest.clone();
             runtime.spawn(async move { mesh.leave(&digest).await });
+        }
+    }
+}
+
+impl Drop for BlobSession {
+    /// The stream ended. After a commit the blob is served from the store
+    /// from now on; any other end abandons the session.
+    fn drop(&mut self) {
+        if self.phase != Phase::Committed {
+            self.abandon("the write stream ended without a commit");
+        } else if let Some(task) = &self.task {
+            self.mesh.tasks.finish(task);
         }
     }
 }

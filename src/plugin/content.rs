@@ -266,7 +266,7 @@ async fn write_session(
                 // The first STAT is containerd's negotiation, inside its
                 // metadata transaction: it must answer at once.
                 if negotiated && let Some(mesh) = mesh.as_mut() {
-                    mesh.before_stat(&mut ingest).await?;
+                    mesh.before_stat(&mut ingest, responses.closed()).await?;
                 }
                 negotiated = true;
                 stat_response(&ingest, total)

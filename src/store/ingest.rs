@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use sha2::{Digest as _, Sha256};
 
 use super::metadata::{BlobMeta, IngestMeta};
-use super::{Digest, RefLock, StoreError, from_nanos, to_nanos};
+use super::{Digest, RefLock, Store, StoreError, from_nanos, to_nanos};
 
 /// Name of the data file inside an ingest directory.
 pub(crate) const DATA_FILE: &str = "data";
@@ -55,7 +55,7 @@ impl Ingest {
         let dir = store.ingest_dir(reference);
         let data = dir.join(DATA_FILE);
         let expected = expected.map(|d| d.to_string()).unwrap_or_default();
-        let (file, mut meta) = match store.meta.ingest(reference)? {
+        let (file, mut meta) = match record_with_data(store, reference, &data)? {
             Some(mut meta) => {
                 if total > 0 && meta.total > 0 && total != meta.total {
                     return Err(StoreError::FailedPrecondition(format!(
@@ -75,7 +75,7 @@ impl Ingest {
                     if !expected.is_empty() {
                         meta.expected = expected;
                     }
-                    store.meta.put_ingest(reference, &meta)?;
+                    rewrite_record(store, reference, &meta)?;
                 }
                 (file, meta)
             }
@@ -107,7 +107,7 @@ impl Ingest {
             tracing::warn!(%reference, verified, "cutting an interrupted mesh download back to its verified prefix");
             file.set_len(verified as u64)
                 .map_err(|e| StoreError::io(format!("truncate {}", data.display()), e))?;
-            store.meta.put_ingest(reference, &meta)?;
+            rewrite_record(store, reference, &meta)?;
         }
         let (mut hasher, mut offset) = rehash(&file, &data)?;
         if let Some(digest) = digest_in_ref(reference)
@@ -233,10 +233,7 @@ impl Ingest {
     /// ingest cuts it back to what was verified.
     pub fn begin_out_of_order(&mut self) -> Result<(), StoreError> {
         self.meta.verified_until = Some(self.offset);
-        self.lock
-            .store
-            .meta
-            .put_ingest(&self.lock.reference, &self.meta)
+        rewrite_record(&self.lock.store, &self.lock.reference, &self.meta)
     }
 
     /// Takes the bytes up to `verified` (written through [`Ingest::data_file`]
@@ -271,10 +268,7 @@ impl Ingest {
             .and_then(|()| file.seek(io::SeekFrom::Start(offset as u64)).map(drop))
             .map_err(|e| StoreError::io(format!("cut ingest of ref {reference}"), e))?;
         self.meta.verified_until = None;
-        self.lock
-            .store
-            .meta
-            .put_ingest(&self.lock.reference, &self.meta)
+        rewrite_record(&self.lock.store, &self.lock.reference, &self.meta)
     }
 
     fn touch(&mut self) {
@@ -367,6 +361,42 @@ impl Drop for Ingest {
                 tracing::warn!(%reference, error = %e, "could not record the ingest's write time");
             }
         }
+    }
+}
+
+/// The record of the ingest of `reference`, if it has one and its data file
+/// exists. A record without data (an abort while an older version still
+/// wrote the ingest brought it back) is dropped here, on first use, so that
+/// the ingest starts over instead of failing every open until a restart.
+fn record_with_data(
+    store: &Store,
+    reference: &str,
+    data: &Path,
+) -> Result<Option<IngestMeta>, StoreError> {
+    let Some(meta) = store.meta.ingest(reference)? else {
+        return Ok(None);
+    };
+    let exists = data
+        .try_exists()
+        .map_err(|e| StoreError::io(format!("stat {}", data.display()), e))?;
+    if exists {
+        return Ok(Some(meta));
+    }
+    tracing::warn!(%reference, "ingest record without data: starting the ingest over");
+    store.remove_ingest(reference)?;
+    Ok(None)
+}
+
+/// Writes an open ingest's record back, unless an abort removed it (and its
+/// data) meanwhile: then the ingest is gone, and writing to it fails.
+fn rewrite_record(store: &Store, reference: &str, meta: &IngestMeta) -> Result<(), StoreError> {
+    if store
+        .meta
+        .update_ingest(reference, |record| *record = meta.clone())?
+    {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound(format!("ref {reference} (aborted)")))
     }
 }
 

@@ -188,15 +188,27 @@ impl Metadata {
     /// Records an ingest's last write time, unless the ingest was removed
     /// (aborted) meanwhile: an abort must not be undone by its writer closing.
     pub fn touch_ingest(&self, reference: &str, updated_at: i64) -> Result<(), StoreError> {
+        self.update_ingest(reference, |meta| meta.updated_at = updated_at)
+            .map(drop)
+    }
+
+    /// Changes an ingest's record with `change`, in one transaction, unless
+    /// the ingest was removed (aborted) meanwhile: its writer, still open,
+    /// must never bring back a record whose data the abort removed. Whether
+    /// the record was there.
+    pub fn update_ingest(
+        &self,
+        reference: &str,
+        change: impl FnOnce(&mut IngestMeta),
+    ) -> Result<bool, StoreError> {
         self.write(|txn| {
             let mut table = open(txn, INGESTS)?;
-            match read::<IngestMeta>(&table, reference)? {
-                Some(mut meta) => {
-                    meta.updated_at = updated_at;
-                    put_json(&mut table, reference, &meta)
-                }
-                None => Ok(()),
-            }
+            let Some(mut meta) = read::<IngestMeta>(&table, reference)? else {
+                return Ok(false);
+            };
+            change(&mut meta);
+            put_json(&mut table, reference, &meta)?;
+            Ok(true)
         })
     }
 

@@ -858,4 +858,47 @@ mod tests {
         );
         assert!(store.list().unwrap().is_empty());
     }
+
+    #[test]
+    fn an_abort_during_a_mesh_download_is_not_undone_by_the_download() {
+        let (_dir, store) = store();
+        let mut ingest = store.writer("r", 10, None).unwrap();
+        ingest.write(0, b"12345").unwrap();
+        ingest.begin_out_of_order().unwrap();
+        store.abort("r").unwrap();
+        for (step, result) in [
+            ("advance", ingest.begin_out_of_order()),
+            ("end", ingest.end_out_of_order()),
+        ] {
+            assert!(
+                matches!(result, Err(StoreError::NotFound(_))),
+                "{step} after the abort: {result:?}"
+            );
+        }
+        drop(ingest);
+        assert_eq!(store.meta.ingest("r").unwrap(), None, "no record came back");
+        let mut again = store.writer("r", 10, None).unwrap();
+        assert_eq!(again.offset(), 0);
+        again.write(0, b"1234567890").unwrap();
+        again.commit(10, None, HashMap::new()).unwrap();
+    }
+
+    #[test]
+    fn a_record_without_data_is_repaired_when_its_ref_is_opened() {
+        let (_dir, store) = store();
+        let mut ingest = store.writer("r", 10, None).unwrap();
+        ingest.write(0, b"12345").unwrap();
+        drop(ingest);
+        // What older versions left: the abort removed record and data, and
+        // the download still running wrote the record back.
+        let record = store.meta.ingest("r").unwrap().unwrap();
+        store.abort("r").unwrap();
+        store.meta.put_ingest("r", &record).unwrap();
+
+        let mut repaired = store.writer("r", 10, None).unwrap();
+        assert_eq!(repaired.offset(), 0, "started over");
+        repaired.write(0, b"1234567890").unwrap();
+        let digest = repaired.commit(10, None, HashMap::new()).unwrap();
+        assert_eq!(fs::read(store.blob_path(&digest)).unwrap(), b"1234567890");
+    }
 }

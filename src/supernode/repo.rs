@@ -125,7 +125,15 @@ impl Repo {
                 .start(digest.clone(), size, piece_size(size), ingest.data_path());
         let end = async {
             block_in_place(|| seed_verified_prefix(&task, &mut ingest))?;
-            download(&self.mesh, &task, &mut ingest, &supernode, None).await
+            download(
+                &self.mesh,
+                &task,
+                &mut ingest,
+                &supernode,
+                None,
+                std::future::pending(),
+            )
+            .await
         }
         .await;
         self.mesh.tasks.finish(&task);

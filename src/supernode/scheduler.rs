@@ -521,8 +521,11 @@ impl Scheduler {
         Ok(ReportResponse {})
     }
 
-    /// Leave: the host stops downloading or ingesting the blob. The pieces it
-    /// announced stay offered: a daemon that deleted them says so by
+    /// Leave: the host stops downloading or ingesting the blob. A daemon
+    /// leaves only a blob it did not commit, and then stops serving it, so
+    /// the pieces it announced are no longer offered (peers sent there would
+    /// get 404 and stall). A host that announced the whole blob keeps it
+    /// offered: it serves it from its store; one that deleted it says so by
     /// registering again (Register replaces what a host holds).
     pub fn leave(
         &mut self,
@@ -536,6 +539,9 @@ impl Scheduler {
         };
         let task = self.tasks.get_mut(&task_id).expect("task just found");
         task.stop_downloading(slot);
+        if task.members.get(&slot).is_some_and(|m| !m.complete) {
+            task.drop_holdings(slot);
+        }
         if task.ingester == Some(slot) {
             task.ingester = None;
             self.events.push(Event::IngesterGone {

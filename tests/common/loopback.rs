@@ -194,7 +194,7 @@ impl LoopNode {
         self.runtime.block_on(async {
             write
                 .session
-                .before_stat(&mut write.ingest)
+                .before_stat(&mut write.ingest, std::future::pending())
                 .await
                 .expect("settle the role");
         });

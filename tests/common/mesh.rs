@@ -6,13 +6,17 @@
 use std::fs;
 use std::path::PathBuf;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use super::netns::{Host, TestNet};
-use super::{Node, Plugins, Registry, Scratch, Supernode};
+use super::{CatalogBlob, CatalogImage, Containerd, Node, Plugins, Registry, Scratch, Supernode};
 
 /// Heartbeats told to daemons: a dead host is dropped after 3 missed ones
 /// (1.5 to 2 s), well inside a downloader's stall timeout.
 pub const HEARTBEAT_MS: &str = "500";
+/// `ctr --timeout` of every pull: far above any pull here, so only a hang
+/// reaches it.
+pub const PULL_TIMEOUT: &str = "180s";
 /// dfdaemon's own log level: per-piece upload lines, no HTTP/2 chatter.
 pub const DFDAEMON_LOG: &str = "info,damselfly=debug";
 
@@ -193,4 +197,60 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|token| token.strip_prefix(key)?.strip_prefix('='))
         .map(|v| v.trim_matches('"'))
+}
+
+/// Log lines with `message` that name `digest`.
+pub fn lines_with<'a>(log: &'a str, message: &str, digest: &str) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| l.contains(message) && l.contains(digest))
+        .collect()
+}
+
+/// Bytes of the image's layers, and of its other blobs (manifest, config).
+pub fn image_bytes(image: &CatalogImage) -> (u64, u64) {
+    let blobs = image.amd64_blobs();
+    let layers = blobs
+        .iter()
+        .filter(|b| b.kind == "layer")
+        .map(|b| b.size)
+        .sum();
+    let small = blobs
+        .iter()
+        .filter(|b| b.kind != "layer")
+        .map(|b| b.size)
+        .sum();
+    (layers, small)
+}
+
+/// The image's layers, largest first.
+pub fn layer_blobs(image: &CatalogImage) -> Vec<CatalogBlob> {
+    let mut layers: Vec<CatalogBlob> = image
+        .amd64_blobs()
+        .into_iter()
+        .filter(|b| b.kind == "layer")
+        .collect();
+    layers.sort_by_key(|b| std::cmp::Reverse(b.size));
+    layers
+}
+
+/// `ctr image pull --plain-http reference`: its time, or its stderr.
+pub fn pull(containerd: &Containerd, reference: &str) -> Result<Duration, String> {
+    let start = Instant::now();
+    let out = containerd.ctr(&[
+        "--timeout",
+        PULL_TIMEOUT,
+        "image",
+        "pull",
+        "--plain-http",
+        reference,
+    ]);
+    if out.status.success() {
+        Ok(start.elapsed())
+    } else {
+        Err(format!(
+            "ctr image pull {reference} failed after {:.1} s: {}",
+            start.elapsed().as_secs_f64(),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }

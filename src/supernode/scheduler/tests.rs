@@ -688,6 +688,8 @@ fn no_take_over_while_the_wanted_pieces_or_the_blob_exist() {
     let mut mesh = Mesh::new();
     mesh.joiners(&["a", "b"]);
     mesh.announce("a", held(0..2, false)).unwrap();
+    mesh.joiners(&["d"]);
+    mesh.announce("d", held(0..2, false)).unwrap();
     mesh.leave("a");
     assert!(matches!(
         mesh.events().last(),
@@ -704,7 +706,18 @@ fn no_take_over_while_the_wanted_pieces_or_the_blob_exist() {
 }
 
 #[test]
-fn leaving_keeps_the_announced_pieces() {
+fn leaving_without_the_whole_blob_withdraws_its_pieces() {
+    let mut mesh = Mesh::new();
+    mesh.seeds(&["s"]);
+    mesh.joiners(&["a", "b"]);
+    mesh.announce("a", held(0..2, false)).unwrap();
+    mesh.leave("a");
+    let response = mesh.schedule("b", [0, 1]);
+    assert_eq!(parents(&response), ["s", "s"], "a left and serves nothing");
+}
+
+#[test]
+fn leaving_keeps_the_whole_blob_offered() {
     let mut mesh = Mesh::new();
     mesh.seeds(&["a"]);
     mesh.register("b", vec![]);
