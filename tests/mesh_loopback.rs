@@ -225,3 +225,50 @@ fn a_restarted_supernode_gets_a_registration_and_refusals_are_typed() {
     ));
     assert!(matches!(lost, Err(SupernodeError::UnknownTask { .. })));
 }
+
+#[test]
+fn a_fake_claim_of_zero_filled_pieces_costs_one_registry_copy_and_bans_only_the_faker() {
+    let supernode = LoopSupernode::start([127, 0, 0, 1].into(), 0);
+    let nodes: Vec<LoopNode> = (2..=4)
+        .map(|n| LoopNode::start(n, &[&supernode.addr], LONG))
+        .collect();
+    let data = blob(SIZE, 7);
+    let zeros = vec![0u8; SIZE];
+    // The faker joins first and "ingests" zeros under the layer's digest:
+    // it announces the zero pieces' digests and serves zeros (it never
+    // commits, and keeps its Write open so as not to leave).
+    let mut fake = nodes[0].open(&data);
+    assert_eq!(nodes[0].settle(&mut fake), 0);
+    nodes[0].write_from_registry(&mut fake, &zeros, SIZE);
+
+    // The first honest node downloads the zeros (they match the claim), the
+    // blob fails its digest: the bytes are discarded, the registry gives it
+    // all from 0, and it commits the right blob.
+    let mut write = nodes[1].open(&data);
+    assert_eq!(nodes[1].settle(&mut write), 0, "mesh bytes discarded");
+    assert_eq!(nodes[1].stat(|s| &s.peer_bytes), SIZE as u64);
+    nodes[1].write_from_registry(&mut write, &data, SIZE);
+    assert_eq!(nodes[1].commit(write), Digest::of(&data));
+    wait_for("the faker banned", LONG, || {
+        supernode.metric("damselfly_supernode_bad_parents_total") == 1
+    });
+
+    // The next node is fed by the honest claim: all from peers, nothing
+    // from the registry, no bad piece; the honest node is not banned.
+    let mut write = nodes[2].open(&data);
+    assert_eq!(nodes[2].settle(&mut write), SIZE as i64);
+    assert_eq!(nodes[2].commit(write), Digest::of(&data));
+    assert_eq!(nodes[2].stat(|s| &s.registry_bytes), 0);
+    assert_eq!(nodes[2].stat(|s| &s.peer_bytes), SIZE as u64);
+    assert_eq!(
+        supernode.metric("damselfly_supernode_bad_parents_total"),
+        1,
+        "only the faker was banned"
+    );
+    println!(
+        "registry bytes: node 1 {} (blob {SIZE}), node 2 {}",
+        nodes[1].stat(|s| &s.registry_bytes),
+        nodes[2].stat(|s| &s.registry_bytes)
+    );
+    drop(fake);
+}

@@ -353,7 +353,11 @@ impl Download<'_> {
         self.in_flight.remove(&transfer.number);
         let outcome = match result {
             Ok(()) => {
-                task.verified(transfer.number, transfer.expected.clone());
+                task.received(
+                    transfer.number,
+                    transfer.expected.clone(),
+                    &transfer.parent_id,
+                );
                 self.last_progress = Instant::now();
                 mesh.stats.pieces_fetched.fetch_add(1, Ordering::Relaxed);
                 let (source, bytes) = if transfer.from_supernode {

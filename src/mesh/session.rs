@@ -98,7 +98,8 @@ impl BlobSession {
         if role == Role::Download {
             tracing::info!(digest = %self.digest, size = self.size, %supernode, "downloading from peers");
             match download(&self.mesh, &task, ingest, &supernode, Some(&self.verified)).await? {
-                DownloadEnd::Complete => return Ok(()),
+                DownloadEnd::Complete if ingest.digest() == self.digest => return Ok(()),
+                DownloadEnd::Complete => self.discard_mesh_bytes(&task, ingest)?,
                 DownloadEnd::TakeOver | DownloadEnd::Stalled => {}
             }
         }
@@ -118,6 +119,25 @@ impl BlobSession {
             _done: done.drop_guard(),
             supernode,
         });
+        Ok(())
+    }
+
+    /// The blob assembled from peers' pieces is not the blob (their piece
+    /// digests were a lie that the pieces matched): empties the ingest, so
+    /// that it is fetched from the registry from offset 0, and reports the
+    /// peers that sent the pieces.
+    fn discard_mesh_bytes(
+        &self,
+        task: &Arc<LocalTask>,
+        ingest: &mut Ingest,
+    ) -> Result<(), StoreError> {
+        tracing::warn!(digest = %self.digest, actual = %ingest.digest(),
+            "the blob assembled from peers failed its digest: discarded, reporting the peers");
+        block_in_place(|| ingest.truncate())?;
+        task.forget_from(0);
+        self.verified.send_replace(0);
+        let (mesh, task) = (self.mesh.clone(), task.clone());
+        tokio::spawn(async move { mesh.blob_failed(&task).await });
         Ok(())
     }
 
