@@ -57,6 +57,9 @@ pub enum DownloadEnd {
     TakeOver,
     /// No progress for the stall timeout, or the supernode is unreachable.
     Stalled,
+    /// The supernode says the pieces came by a claim that another node's
+    /// blob refuted: the caller must discard them.
+    Refuted,
 }
 
 /// Downloads `task` into `ingest` until one of [`DownloadEnd`]. The ingest
@@ -297,6 +300,7 @@ impl Download<'_> {
             Ok(answer) if answer.value.take_over => {
                 return Some(take_over(self.task, self.ingest));
             }
+            Ok(answer) if answer.value.discard => return Some(DownloadEnd::Refuted),
             Ok(answer) => {
                 self.parents_busy = answer.value.parents_busy;
                 if answer.value.assignments.is_empty() {

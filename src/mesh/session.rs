@@ -99,7 +99,9 @@ impl BlobSession {
             tracing::info!(digest = %self.digest, size = self.size, %supernode, "downloading from peers");
             match download(&self.mesh, &task, ingest, &supernode, Some(&self.verified)).await? {
                 DownloadEnd::Complete if ingest.digest() == self.digest => return Ok(()),
-                DownloadEnd::Complete => self.discard_mesh_bytes(&task, ingest)?,
+                DownloadEnd::Complete | DownloadEnd::Refuted => {
+                    self.discard_mesh_bytes(&task, ingest)?
+                }
                 DownloadEnd::TakeOver | DownloadEnd::Stalled => {}
             }
         }
@@ -123,7 +125,9 @@ impl BlobSession {
     }
 
     /// The blob assembled from peers' pieces is not the blob (their piece
-    /// digests were a lie that the pieces matched): empties the ingest, so
+    /// digests were a lie that the pieces matched), or another node's blob
+    /// by the same digests was not (the supernode said so): empties the
+    /// ingest, so
     /// that it is fetched from the registry from offset 0, and reports the
     /// peers that sent the pieces.
     fn discard_mesh_bytes(
