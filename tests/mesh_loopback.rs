@@ -225,3 +225,62 @@ fn a_restarted_supernode_gets_a_registration_and_refusals_are_typed() {
     ));
     assert!(matches!(lost, Err(SupernodeError::UnknownTask { .. })));
 }
+
+#[test]
+fn a_fake_claim_of_zero_filled_pieces_costs_a_registry_copy_per_victim_and_bans_only_the_faker() {
+    let supernode = LoopSupernode::start([127, 0, 0, 1].into(), 0);
+    let nodes: Vec<LoopNode> = (2..=5)
+        .map(|n| LoopNode::start(n, &[&supernode.addr], LONG))
+        .collect();
+    let data = blob(SIZE, 7);
+    let zeros = vec![0u8; SIZE];
+    // The faker joins first and "ingests" zeros under the layer's digest:
+    // it announces the zero pieces' digests and serves zeros (it never
+    // commits, and keeps its Write open so as not to leave).
+    let mut fake = nodes[0].open(&data);
+    assert_eq!(nodes[0].settle(&mut fake), 0);
+    nodes[0].write_from_registry(&mut fake, &zeros, SIZE);
+
+    // Two honest nodes at once download the zeros (they match the claim);
+    // the blob fails its digest (or the supernode says the other's did):
+    // the bytes are discarded, the registry gives them all from 0, and they
+    // commit the right blob.
+    let downloaders = [&nodes[1], &nodes[3]];
+    let mut writes: Vec<_> = downloaders.iter().map(|n| n.open(&data)).collect();
+    std::thread::scope(|scope| {
+        for (node, write) in downloaders.iter().zip(writes.iter_mut()) {
+            scope.spawn(move || assert_eq!(node.settle(write), 0, "mesh bytes discarded"));
+        }
+    });
+    for (node, mut write) in downloaders.into_iter().zip(writes) {
+        assert!(
+            node.stat(|s| &s.peer_bytes) > 0,
+            "it got zeros from the faker"
+        );
+        node.write_from_registry(&mut write, &data, SIZE);
+        assert_eq!(node.commit(write), Digest::of(&data));
+    }
+    wait_for("the faker banned", LONG, || {
+        supernode.metric("damselfly_supernode_bad_parents_total") == 1
+    });
+
+    // The next node is fed by the honest claim: all from peers, nothing
+    // from the registry, no bad piece; the honest node is not banned.
+    let mut write = nodes[2].open(&data);
+    assert_eq!(nodes[2].settle(&mut write), SIZE as i64);
+    assert_eq!(nodes[2].commit(write), Digest::of(&data));
+    assert_eq!(nodes[2].stat(|s| &s.registry_bytes), 0);
+    assert_eq!(nodes[2].stat(|s| &s.peer_bytes), SIZE as u64);
+    assert_eq!(
+        supernode.metric("damselfly_supernode_bad_parents_total"),
+        1,
+        "only the faker was banned"
+    );
+    println!(
+        "registry bytes: honest downloaders {} and {}, the later node {} (blob {SIZE})",
+        nodes[1].stat(|s| &s.registry_bytes),
+        nodes[3].stat(|s| &s.registry_bytes),
+        nodes[2].stat(|s| &s.registry_bytes)
+    );
+    drop(fake);
+}

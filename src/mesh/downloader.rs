@@ -68,6 +68,9 @@ pub enum DownloadEnd {
     /// want the blob are served by its other holders. What was verified
     /// stays in the ingest for a retry.
     ClientGone,
+    /// The supernode says the pieces came by a claim that another node's
+    /// blob refuted: the caller must discard them.
+    Refuted,
 }
 
 /// Downloads `task` into `ingest` until one of [`DownloadEnd`]. The ingest
@@ -320,6 +323,7 @@ impl Download<'_> {
             Ok(answer) if answer.value.take_over => {
                 return Some(take_over(self.task, self.ingest));
             }
+            Ok(answer) if answer.value.discard => return Some(DownloadEnd::Refuted),
             Ok(answer) => {
                 self.parents_busy = answer.value.parents_busy;
                 if answer.value.assignments.is_empty() {
@@ -376,7 +380,11 @@ impl Download<'_> {
         self.in_flight.remove(&transfer.number);
         let outcome = match result {
             Ok(()) => {
-                task.verified(transfer.number, transfer.expected.clone());
+                task.received(
+                    transfer.number,
+                    transfer.expected.clone(),
+                    &transfer.parent_id,
+                );
                 self.last_progress = Instant::now();
                 mesh.stats.pieces_fetched.fetch_add(1, Ordering::Relaxed);
                 let (source, bytes) = if transfer.from_supernode {

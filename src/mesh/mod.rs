@@ -240,6 +240,35 @@ impl Mesh {
         }
     }
 
+    /// Tells the task's supernode that the blob assembled from peers'
+    /// pieces failed its digest (this node discarded them), naming the
+    /// peers that sent them.
+    pub async fn blob_failed(&self, task: &LocalTask) {
+        let results = task
+            .take_sources()
+            .into_iter()
+            .map(|parent_id| api::PieceResult {
+                number: 0,
+                parent_id,
+                outcome: api::Outcome::BadBlob.into(),
+            })
+            .collect();
+        let request = api::ReportRequest {
+            host_id: self.supernodes.host().id.clone(),
+            digest: task.digest.to_string(),
+            results,
+        };
+        let answer = self
+            .call(&task.digest, "report", |mut c| {
+                let request = request.clone();
+                async move { c.report(request).await }
+            })
+            .await;
+        if let Err(e) = answer {
+            tracing::warn!(digest = %task.digest, error = %e, "could not report the bad blob");
+        }
+    }
+
     /// Tells the task's supernode which pieces this node holds.
     pub async fn announce(&self, task: &LocalTask, complete: bool) {
         let blob = held_blob(task, complete);

@@ -127,7 +127,10 @@ impl BlobSession {
             self.phase = Phase::Downloading;
             let verified = Some(&self.verified);
             match download(&self.mesh, &task, ingest, &supernode, verified, client_gone).await? {
-                DownloadEnd::Complete => return Ok(()),
+                DownloadEnd::Complete if ingest.digest() == self.digest => return Ok(()),
+                DownloadEnd::Complete | DownloadEnd::Refuted => {
+                    self.discard_mesh_bytes(&task, ingest)?
+                }
                 DownloadEnd::ClientGone => {
                     self.abandon("containerd's client went away");
                     return Ok(());
@@ -152,6 +155,26 @@ impl BlobSession {
             _done: done.drop_guard(),
             supernode,
         });
+        Ok(())
+    }
+
+    /// The blob assembled from peers' pieces is not the blob (their piece
+    /// digests were a lie that the pieces matched), or another node's blob
+    /// by the same digests was not (the supernode said so): empties the
+    /// ingest, so that it is fetched from the registry from offset 0, and
+    /// reports the peers that sent the pieces.
+    fn discard_mesh_bytes(
+        &self,
+        task: &Arc<LocalTask>,
+        ingest: &mut Ingest,
+    ) -> Result<(), StoreError> {
+        tracing::warn!(digest = %self.digest, actual = %ingest.digest(),
+            "the blob assembled from peers failed its digest: discarded, reporting the peers");
+        block_in_place(|| ingest.truncate())?;
+        task.forget_from(0);
+        self.verified.send_replace(0);
+        let (mesh, task) = (self.mesh.clone(), task.clone());
+        tokio::spawn(async move { mesh.blob_failed(&task).await });
         Ok(())
     }
 

@@ -22,6 +22,9 @@ pub struct LocalTask {
     pieces: Mutex<Vec<Option<Digest>>>,
     /// This node streams the blob from the registry.
     ingesting: AtomicBool,
+    /// The peers that sent verified pieces: named if the blob they make up
+    /// fails its digest.
+    sources: Mutex<HashSet<String>>,
 }
 
 impl LocalTask {
@@ -30,6 +33,20 @@ impl LocalTask {
         if let Some(slot) = self.pieces.lock().expect("pieces").get_mut(number as usize) {
             *slot = Some(digest);
         }
+    }
+
+    /// Records a verified piece that peer `parent` sent.
+    pub fn received(&self, number: u32, digest: Digest, parent: &str) {
+        self.verified(number, digest);
+        let mut sources = self.sources.lock().expect("sources");
+        if !sources.contains(parent) {
+            sources.insert(parent.to_owned());
+        }
+    }
+
+    /// The peers that sent pieces since the last call.
+    pub fn take_sources(&self) -> Vec<String> {
+        self.sources.lock().expect("sources").drain().collect()
     }
 
     /// Forgets pieces from `number` on (their bytes were dropped).
@@ -117,6 +134,7 @@ impl LocalTasks {
             data,
             pieces: Mutex::new(vec![None; piece_count(size, piece_size) as usize]),
             ingesting: AtomicBool::new(false),
+            sources: Mutex::default(),
         });
         self.tasks
             .lock()

@@ -138,7 +138,7 @@ impl Repo {
         .await;
         self.mesh.tasks.finish(&task);
         match end? {
-            DownloadEnd::Complete => {
+            DownloadEnd::Complete if ingest.digest() == *digest => {
                 block_in_place(|| ingest.commit(size as i64, Some(digest), HashMap::new()))?;
                 drop(ingest);
                 tracing::info!(%digest, size, "repo: blob stored; offered to peers");
@@ -159,6 +159,12 @@ impl Repo {
             other => {
                 drop(ingest);
                 block_in_place(|| self.store.abort(&reference))?;
+                if matches!(other, DownloadEnd::Complete | DownloadEnd::Refuted) {
+                    // The peers' pieces matched digests that were a lie:
+                    // the copy is gone, and the peers that sent it are named.
+                    self.mesh.blob_failed(&task).await;
+                    anyhow::bail!("the copy assembled from peers is not the blob");
+                }
                 anyhow::bail!("download ended with {other:?}")
             }
         }

@@ -45,6 +45,7 @@ use crate::protocol::api::{
 use crate::protocol::piece::{piece_count, piece_size};
 use crate::protocol::status::Refusal;
 use crate::protocol::wire::{self, Blob, HostInfo, Registration};
+use claims::{ClaimId, Claims};
 
 /// Heartbeat intervals a host may miss before it is dropped.
 pub const MISSED_HEARTBEATS: u32 = 3;
@@ -69,6 +70,9 @@ pub const MAX_HOSTS: usize = 20_000;
 /// Most tasks one host is a member of: a Join, Announce or registered blob
 /// beyond it is refused (a host's memory at the supernode is bounded).
 pub const MAX_TASKS_PER_HOST: usize = 4096;
+/// Claims a downloader remembers having refuted (it is not fed by them
+/// again); older ones are forgotten.
+const MAX_REJECTED_CLAIMS: usize = 16;
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone)]
@@ -371,10 +375,11 @@ impl Scheduler {
         })
     }
 
-    /// Announce: records the pieces (or the whole blob) the host verified.
-    /// The first digest published for a piece is its reference: a host that
-    /// announces another one is refused and banned from the task. A complete
-    /// blob clears its holder's ingester role (the ingest is over).
+    /// Announce: records the pieces (or the whole blob) the host verified,
+    /// by the claim they fit (see [`claims`]): digests that conflict with
+    /// other hosts' make another claim, and ban nobody. A complete blob
+    /// clears its holder's ingester role (the ingest is over), and confirms
+    /// the claim when its holder downloaded it.
     pub fn announce(
         &mut self,
         request: &AnnounceRequest,
@@ -428,6 +433,10 @@ impl Scheduler {
             total_pieces: task.piece_count(),
             ..Default::default()
         };
+        if task.members[&slot].discredited {
+            response.discard = true;
+            return Ok(response);
+        }
         let may_ingest = !recovering && !hosts.get(slot).supernode;
         if may_ingest && task.should_take_over(slot, contiguous, &wanted) {
             task.ingester = Some(slot);
@@ -463,8 +472,9 @@ impl Scheduler {
     /// Report: each outcome frees its upload slot. A bad digest drops the
     /// parent for the reporter at once, and bans it from the task for
     /// everyone once [`BAD_DIGEST_REPORTERS`] hosts reported one;
-    /// [`FAILURES_TO_DROP`] failures drop the parent for this reporter only. Reports on a task that no longer
-    /// exists are accepted and ignored.
+    /// [`FAILURES_TO_DROP`] failures drop the parent for this reporter only;
+    /// a bad blob refutes the reporter's claim (see [`Self::blob_refuted`]).
+    /// Reports on a task that no longer exists are accepted and ignored.
     pub fn report(
         &mut self,
         request: &ReportRequest,
@@ -491,6 +501,9 @@ impl Scheduler {
             wire::check_piece(number, count)?;
         }
         self.enroll(task_id, slot)?;
+        if results.iter().any(|&(_, _, o)| o == Outcome::BadBlob) {
+            self.blob_refuted(task_id, slot);
+        }
         let reporter = self.hosts.reference(slot);
         for (number, parent_id, outcome) in results {
             let Some(parent) = self.hosts.slot_of(parent_id) else {
@@ -512,7 +525,9 @@ impl Scheduler {
                 // again meanwhile by the parent, often the ingester.
                 Outcome::Ok if assigned => {
                     let task = self.tasks.get_mut(&task_id).expect("live task");
-                    task.add_piece(slot, number);
+                    if task.follows_with_digest(slot, number) {
+                        task.add_piece(slot, number);
+                    }
                 }
                 _ => {}
             }
@@ -633,6 +648,7 @@ impl Scheduler {
         let task = self.tasks.get_mut(&task_id).expect("live task");
         let idle = task.members.get(&slot).is_some_and(Member::is_idle);
         if idle && task.ingester != Some(slot) {
+            task.drop_holdings(slot); // Only the claim it follows is left.
             task.members.remove(&slot);
             self.hosts.get_mut(slot).tasks.remove(&task_id);
         }
@@ -664,32 +680,48 @@ impl Scheduler {
     }
 
     /// The checks and updates of [`Self::record_blob`] on an existing task.
+    /// The pieces go to the host's claim if they fit it, else to the claim
+    /// they fit (the host's other pieces are forgotten: a host follows one).
     fn apply_blob(&mut self, task_id: TaskId, slot: u32, blob: Blob) -> Result<(), SchedulerError> {
         let task = self.tasks.get_mut(&task_id).expect("live task");
-        if task.members[&slot].banned {
+        let member = &task.members[&slot];
+        if member.banned || member.discredited {
             return Ok(()); // Its pieces are not offered any more.
         }
-        if let Some(&(number, _)) = blob.pieces.iter().find(|(n, d)| task.conflicts(*n, d)) {
-            let why = format!("announced piece {number} with a digest other than the first one");
-            self.ban(task_id, slot, why.clone());
-            return Err(SchedulerError::InvalidArgument(format!(
-                "{}: {why}",
-                blob.digest
-            )));
-        }
+        let ingester = task.ingester == Some(slot) || blob.ingesting;
+        let current = member
+            .claim
+            .filter(|&c| task.claims.fits(c, slot, ingester, &blob.pieces));
+        // None: a new claim (or none at all, for no pieces).
+        let target = current.or_else(|| task.claims.find(&blob.pieces));
         if blob.complete
-            && let Some(number) = task.piece_without_digest(&blob.pieces)
+            && let Some(number) = task
+                .claims
+                .missing(target, &blob.pieces, task.piece_count())
         {
             return Err(SchedulerError::InvalidArgument(format!(
                 "{}: complete, but no digest known for piece {number}",
                 blob.digest
             )));
         }
-        for (number, digest) in blob.pieces {
-            task.pieces[number as usize].digest.get_or_insert(digest);
+        let claim = match (current, target) {
+            (Some(claim), _) => claim,
+            _ if blob.pieces.is_empty() => return Ok(()),
+            (None, target) => {
+                task.drop_holdings(slot);
+                target.unwrap_or_else(|| task.claims.create(task.pieces.len()))
+            }
+        };
+        task.follow(slot, claim, &blob.pieces);
+        for &(number, _) in &blob.pieces {
             task.add_piece(slot, number);
         }
         if blob.complete {
+            let downloaded = task.members[&slot].downloading.is_some();
+            let claim = task.claims.get_mut(claim).expect("live claim");
+            if downloaded && !claim.authors.contains(slot) {
+                claim.confirmed = true;
+            }
             task.mark_complete(slot);
         }
         // A host that holds the blob whole ingests it no more: an
@@ -702,6 +734,45 @@ impl Scheduler {
             task.stop_downloading(slot);
         }
         Ok(())
+    }
+
+    /// `reporter` assembled the blob from the pieces it got by its claim and
+    /// the blob failed its digest; it discarded them. The claim no longer
+    /// feeds it. An unconfirmed claim is refuted for everyone: its authors
+    /// (who published the digests) are banned from the task, and its other
+    /// followers, who hold its pieces too, are told to discard them (Schedule
+    /// answers `discard`) and are not heard on the blob until they report
+    /// the bad blob themselves. A confirmed claim (a downloader committed a
+    /// blob by it) is not refuted by one host's word.
+    fn blob_refuted(&mut self, task_id: TaskId, reporter: u32) {
+        let task = self.tasks.get_mut(&task_id).expect("live task");
+        let member = task.members.get_mut(&reporter).expect("enrolled reporter");
+        member.discredited = false;
+        let Some(id) = member.claim else {
+            task.drop_holdings(reporter);
+            return;
+        };
+        if member.rejected.len() == MAX_REJECTED_CLAIMS {
+            member.rejected.remove(0);
+        }
+        member.rejected.push(id);
+        task.drop_holdings(reporter);
+        let refuted = task.claims.get(id).is_some_and(|claim| !claim.confirmed);
+        let Some(claim) = refuted.then(|| task.claims.remove(id)).flatten() else {
+            return;
+        };
+        for slot in claim.members.iter() {
+            task.drop_holdings(slot);
+            let member = task.members.get_mut(&slot).expect("a follower is a member");
+            member.discredited = true;
+        }
+        let why = format!(
+            "its piece digests do not make up the blob (refuted by {})",
+            self.hosts.get(reporter).id
+        );
+        for author in claim.authors.iter() {
+            self.ban(task_id, author, why.clone());
+        }
     }
 
     /// Drops the host from the task as a source: its pieces are no longer
@@ -814,7 +885,9 @@ impl Scheduler {
 }
 
 /// Picks parents for at most `limit` of the caller's wanted pieces, rarest
-/// first, and counts each assignment as an upload in flight for its parent.
+/// first, among the followers of one claim (the caller's, or the one
+/// [`Claims::choose`] picks, which the caller then follows), and counts each
+/// assignment as an upload in flight for its parent.
 fn assign(
     hosts: &mut Hosts,
     task: &mut Task,
@@ -826,8 +899,24 @@ fn assign(
     wanted.retain(|&n| task.pieces[n as usize].holder_count > 0);
     wanted.sort_unstable_by_key(|&n| (task.pieces[n as usize].rarity(), n));
     let downloader = hosts.reference(caller);
-    let mut eligible = hosts.eligible_parents(caller, &task.members[&caller].bad_parents);
+    let member = &task.members[&caller];
     let mut assignments = Vec::new();
+    let pieces = &task.pieces;
+    let serves = |claim: &claims::Claim| {
+        wanted.iter().any(|&n| {
+            let holders = &pieces[n as usize].holders;
+            claim.digest(n).is_some() && holders.next_common(&claim.members, 0, |_| true).is_some()
+        })
+    };
+    let chosen = task
+        .claims
+        .choose(member.claim, &member.pieces, &member.rejected, serves);
+    let Some(claim_id) = chosen else {
+        return assignments;
+    };
+    let claim = task.claims.get(claim_id).expect("a followed claim is live");
+    let mut eligible = hosts.eligible_parents(caller, &member.bad_parents);
+    eligible.intersect_with(&claim.members);
     // The ingester's uplink is kept for the pieces only it holds: a piece
     // someone else has is fetched from them.
     let mut beside_ingester = eligible.clone();
@@ -849,7 +938,7 @@ fn assign(
             break;
         }
         let piece = &mut task.pieces[number as usize];
-        let Some(digest) = &piece.digest else {
+        let Some(digest) = claim.digest(number) else {
             continue;
         };
         if piece.in_flight >= piece.holder_count {
@@ -892,6 +981,13 @@ fn assign(
                 break;
             }
         }
+    }
+    if !assignments.is_empty() && member.claim != Some(claim_id) {
+        // What it holds agrees with the new claim: it keeps its pieces.
+        if let Some(old) = member.claim {
+            task.claims.leave(old, caller);
+        }
+        task.follow(caller, claim_id, &[]);
     }
     assignments
 }
@@ -1173,6 +1269,8 @@ struct Task {
     size: u64,
     piece_size: u64,
     pieces: Vec<PieceState>,
+    /// The accounts of the piece digests its holders gave.
+    claims: Claims,
     /// Hosts holding, downloading, ingesting or banned from the blob.
     members: HashMap<u32, Member>,
     ingester: Option<u32>,
@@ -1189,8 +1287,7 @@ struct Task {
 /// One piece of a task.
 #[derive(Default)]
 struct PieceState {
-    /// The first digest published for it: the reference.
-    digest: Option<Digest>,
+    /// The hosts holding it, whatever claim they follow.
     holders: Bits,
     holder_count: u32,
     /// Transfers of it assigned and not reported or timed out yet.
@@ -1231,12 +1328,24 @@ struct Member {
     accusers: Vec<HostRef>,
     /// Failed transfers from each parent.
     failures: Vec<(HostRef, u32)>,
+    /// The claim its pieces follow (see [`claims`]).
+    claim: Option<ClaimId>,
+    /// Claims it refuted (its blob by them failed): they do not feed it.
+    rejected: Vec<ClaimId>,
+    /// It holds pieces of a claim refuted by another host: until it reports
+    /// its own bad blob, it gets no parents and its announcements are
+    /// ignored.
+    discredited: bool,
 }
 
 impl Member {
     /// Nothing ties the host to the task (the ingester role aside).
     fn is_idle(&self) -> bool {
-        !self.complete && !self.banned && self.downloading.is_none() && self.pieces.is_empty()
+        !self.complete
+            && !self.banned
+            && !self.discredited
+            && self.downloading.is_none()
+            && self.pieces.is_empty()
     }
 }
 
@@ -1250,6 +1359,7 @@ impl Task {
             size,
             piece_size,
             pieces: (0..count).map(|_| PieceState::default()).collect(),
+            claims: Claims::default(),
             members: HashMap::new(),
             ingester: None,
             complete_holders: 0,
@@ -1264,24 +1374,6 @@ impl Task {
 
     fn holds(&self, slot: u32, number: u32) -> bool {
         self.pieces[number as usize].holders.contains(slot)
-    }
-
-    /// Whether `digest` contradicts the reference digest of piece `number`.
-    fn conflicts(&self, number: u32, digest: &Digest) -> bool {
-        self.pieces[number as usize]
-            .digest
-            .as_ref()
-            .is_some_and(|known| known != digest)
-    }
-
-    /// A piece with no reference digest and none in `announced`.
-    fn piece_without_digest(&self, announced: &[(u32, Digest)]) -> Option<u32> {
-        let mut known = Bits::default();
-        for &(number, _) in announced {
-            known.insert(number);
-        }
-        (0..self.piece_count())
-            .find(|&n| self.pieces[n as usize].digest.is_none() && !known.contains(n))
     }
 
     /// Whether another host holds or ingests some of the blob.
@@ -1334,11 +1426,27 @@ impl Task {
         }
     }
 
-    /// Forgets the pieces the member holds.
+    /// Whether the member follows a claim that has piece `number`'s digest
+    /// (a piece it holds must have one).
+    fn follows_with_digest(&self, slot: u32, number: u32) -> bool {
+        let claim = self.members[&slot].claim.and_then(|c| self.claims.get(c));
+        claim.is_some_and(|claim| claim.digest(number).is_some())
+    }
+
+    /// Records that the member follows `claim` and holds `pieces` by it.
+    fn follow(&mut self, slot: u32, claim: ClaimId, pieces: &[(u32, Digest)]) {
+        self.claims.record(claim, slot, pieces);
+        self.members.get_mut(&slot).expect("member").claim = Some(claim);
+    }
+
+    /// Forgets the pieces the member holds, and the claim it follows.
     fn drop_holdings(&mut self, slot: u32) {
         let Some(member) = self.members.get_mut(&slot) else {
             return;
         };
+        if let Some(claim) = member.claim.take() {
+            self.claims.leave(claim, slot);
+        }
         for number in member.pieces.iter() {
             let piece = &mut self.pieces[number as usize];
             piece.holders.remove(slot);
@@ -1410,3 +1518,5 @@ impl Task {
 
 #[cfg(test)]
 mod tests;
+
+mod claims;

@@ -370,29 +370,119 @@ fn announcements_must_agree_with_the_task() {
     let mut mesh = Mesh::new();
     mesh.seeds(&["a"]);
     mesh.register("b", vec![]);
-    mesh.register("c", vec![]);
 
     let mut wrong_size = held([0], false);
     wrong_size.size = SIZE - 1;
     wrong_size.piece_size = PIECE as u64;
     assert!(invalid(mesh.announce("b", wrong_size)));
     assert!(invalid(mesh.announce("b", held([PIECES], false))));
+}
 
-    // Another digest for a known piece: refused, and b is dropped as a source.
-    let mut forged = held([0, 1], false);
-    forged.pieces[0].digest = Digest::of(b"forged").to_string();
-    assert!(invalid(mesh.announce("b", forged)));
-    assert!(matches!(
-        mesh.events().as_slice(),
-        [Event::BadParent { parent, .. }] if parent == "b"
-    ));
-    mesh.announce("b", held([1], false)).unwrap();
-    mesh.join("c");
-    for _ in 0..4 {
-        let response = mesh.schedule("c", [1]);
-        assert_eq!(parents(&response), ["a"]);
-        mesh.report_all("c", &response, Outcome::Ok);
+/// `held`, with zero-filled pieces' digests: a fake host's claim.
+fn forged(pieces: impl IntoIterator<Item = u32>, complete: bool) -> HeldBlob {
+    let mut blob = held(pieces, complete);
+    for piece in &mut blob.pieces {
+        piece.digest = Digest::of(&[0u8; 16]).to_string();
     }
+    blob
+}
+
+fn banned(events: &[Event]) -> Vec<&str> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::BadParent { parent, .. } => Some(parent.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn conflicting_claims_ban_nobody_and_a_refuted_claim_bans_only_its_authors() {
+    let mut mesh = Mesh::new();
+    // The fake host registers first, claiming the whole blob.
+    mesh.register("fake", vec![forged(0..PIECES, true)]);
+    mesh.register("ingester", vec![]);
+    mesh.register("x", vec![]);
+    mesh.register("y", vec![]);
+    assert_eq!(mesh.join("x"), Role::Download);
+    assert_eq!(mesh.join("y"), Role::Download);
+    // x and y are fed by the only claim there is: the fake one.
+    let response = mesh.schedule("x", 0..8);
+    assert_eq!(parents(&response), ["fake"; 8]);
+    assert_eq!(
+        response.assignments[0].piece_digest,
+        forged([0], false).pieces[0].digest
+    );
+    mesh.report_all("x", &response, Outcome::Ok);
+    let response = mesh.schedule("y", 0..4);
+    mesh.report_all("y", &response, Outcome::Ok);
+    // The ingester's true digests conflict with the fake ones: a claim of
+    // its own, nobody banned.
+    mesh.announce("ingester", held(0..4, false)).unwrap();
+    assert!(banned(&mesh.events()).is_empty());
+    assert_eq!(
+        mesh.scheduler.tasks.values().next().unwrap().claims.len(),
+        2
+    );
+    // x's blob fails its digest: the fake claim is refuted, its author
+    // banned, and y, which follows it too, is told to discard its pieces.
+    mesh.report("x", &[(0, "fake", Outcome::BadBlob)]);
+    assert_eq!(banned(&mesh.events()), ["fake"]);
+    let response = mesh.schedule("y", 0..PIECES);
+    assert!(response.discard && response.assignments.is_empty());
+    // Its stale announcement of the fake pieces is ignored: no new claim.
+    mesh.announce("y", forged(0..4, false)).unwrap();
+    mesh.report("y", &[(0, "fake", Outcome::BadBlob)]);
+    assert!(banned(&mesh.events()).is_empty());
+    // Both are now fed by the ingester's claim, with its digests.
+    for id in ["x", "y"] {
+        let response = mesh.schedule(id, 0..4);
+        assert!(!response.discard);
+        assert_eq!(response.assignments.len(), 4);
+        for assignment in &response.assignments {
+            assert_ne!(parent_of(assignment), "fake");
+            assert_eq!(assignment.piece_digest, piece_digest(assignment.number));
+        }
+        mesh.report_all(id, &response, Outcome::Ok);
+    }
+    check_invariants(&mesh.scheduler);
+}
+
+#[test]
+fn a_confirmed_claim_is_not_refuted_by_one_host_and_a_fake_claim_ends_with_its_host() {
+    let mut mesh = Mesh::new();
+    mesh.seeds(&["a"]);
+    mesh.joiners(&["b", "liar"]);
+    // b downloads the whole blob by a's claim and commits it: confirmed.
+    let response = mesh.schedule("b", 0..PIECES);
+    mesh.report_all("b", &response, Outcome::Ok);
+    let response = mesh.schedule("b", 0..PIECES);
+    mesh.report_all("b", &response, Outcome::Ok);
+    mesh.announce("b", held(0..PIECES, true)).unwrap();
+    // A host that says the blob by it failed stops being fed by it; nobody
+    // is banned, and other downloaders still are fed.
+    let response = mesh.schedule("liar", [0]);
+    mesh.report_all("liar", &response, Outcome::Ok);
+    mesh.report(
+        "liar",
+        &[(0, parent_of(&response.assignments[0]), Outcome::BadBlob)],
+    );
+    assert!(banned(&mesh.events()).is_empty());
+    assert!(mesh.schedule("liar", 0..PIECES).assignments.is_empty());
+    mesh.joiners(&["c"]);
+    assert!(!mesh.schedule("c", 0..PIECES).assignments.is_empty());
+
+    // A fake claim is gone once its only host expires.
+    let mut mesh = Mesh::new();
+    mesh.register("fake", vec![forged(0..PIECES, true)]);
+    mesh.joiners(&["x"]);
+    assert!(!mesh.schedule("x", 0..PIECES).assignments.is_empty());
+    mesh.pass(4, &["x"]);
+    // Nobody holds a piece any more: x takes over from the registry.
+    let response = mesh.schedule("x", 0..PIECES);
+    assert!(response.take_over && response.assignments.is_empty());
+    check_invariants(&mesh.scheduler);
 }
 
 #[test]
@@ -568,7 +658,7 @@ fn a_bad_digest_drops_the_parent_for_the_reporter_and_two_ban_it_for_everyone() 
         [Event::BadParent { parent, .. }] if *parent == bad
     ));
     for id in ["x", "y"] {
-        let response = mesh.schedule(id, 0..PIECES);
+        let response = mesh.schedule(id, 0..4);
         assert!(!response.assignments.is_empty());
         assert!(parents(&response).iter().all(|&p| p != bad));
         mesh.report_all(id, &response, Outcome::Ok);
@@ -749,13 +839,16 @@ fn banned_hosts_never_ingest() {
     for id in ["a", "b", "c"] {
         mesh.register(id, vec![]);
     }
-    assert_eq!(mesh.join("a"), Role::Ingest);
-    mesh.announce("a", held([0], false)).unwrap();
-    let mut forged = held([0], false);
-    forged.pieces[0].digest = Digest::of(b"forged").to_string();
-    assert!(invalid(mesh.announce("b", forged)));
+    // b's claim is refuted by a's blob: b is banned.
+    mesh.register("b", vec![forged(0..PIECES, true)]);
+    assert_eq!(mesh.join("a"), Role::Download);
+    let response = mesh.schedule("a", [0]);
+    mesh.report(
+        "a",
+        &[(0, parent_of(&response.assignments[0]), Outcome::BadBlob)],
+    );
+    assert_eq!(banned(&mesh.events()), ["b"]);
     mesh.leave("a");
-    mesh.register("a", vec![]);
     assert_eq!(mesh.join("b"), Role::Download);
     assert!(!mesh.schedule("b", [0]).take_over);
     // The next joiner ingests in its place.
@@ -851,9 +944,25 @@ fn check_invariants(s: &Scheduler) {
             complete += u32::from(member.complete);
             for number in member.pieces.iter() {
                 assert!(task.pieces[number as usize].holders.contains(slot));
+                let claim = member.claim.and_then(|c| task.claims.get(c));
+                assert!(
+                    claim
+                        .expect("a holder follows a claim")
+                        .digest(number)
+                        .is_some()
+                );
+            }
+            if let Some(claim) = member.claim {
+                assert!(task.claims.get(claim).unwrap().members.contains(slot));
             }
         }
         assert_eq!(task.downloaders, downloaders);
+        for (id, claim) in task.claims.iter() {
+            assert!(!claim.members.is_empty(), "claim {id} followed by nobody");
+            for slot in claim.members.iter() {
+                assert_eq!(task.members[&slot].claim, Some(id));
+            }
+        }
         assert_eq!(task.waiting, waiting);
         assert_eq!(task.complete_holders, complete);
         if let Some(ingester) = task.ingester {
@@ -864,7 +973,6 @@ fn check_invariants(s: &Scheduler) {
             assert_eq!(piece.holder_count as usize, holders.len());
             for slot in holders {
                 assert!(task.members[&slot].pieces.contains(number as u32));
-                assert!(piece.digest.is_some());
             }
             let in_flight = s
                 .hosts
@@ -912,7 +1020,14 @@ fn random_operations_keep_the_state_consistent() {
             }
             2 => {
                 // May be refused (nothing joined): that is fine here.
-                let _ = mesh.announce(host, held([piece], dice.below(20) == 0));
+                // Some hosts announce forged digests: a claim of their own.
+                let complete = dice.below(20) == 0;
+                let blob = if id.is_multiple_of(4) {
+                    forged([piece], complete)
+                } else {
+                    held([piece], complete)
+                };
+                let _ = mesh.announce(host, blob);
             }
             3 | 4 => {
                 let request = ScheduleRequest {
@@ -929,7 +1044,13 @@ fn random_operations_keep_the_state_consistent() {
             }
             5 | 6 => {
                 if let Some(response) = last.remove(&id) {
-                    let outcome = [Outcome::Ok, Outcome::Failed, Outcome::BadDigest][dice.below(3)];
+                    let outcomes = [
+                        Outcome::Ok,
+                        Outcome::Failed,
+                        Outcome::BadDigest,
+                        Outcome::BadBlob,
+                    ];
+                    let outcome = outcomes[dice.below(outcomes.len())];
                     mesh.report_all(host, &response, outcome);
                 }
             }
