@@ -55,7 +55,7 @@ impl Ingest {
         let dir = store.ingest_dir(reference);
         let data = dir.join(DATA_FILE);
         let expected = expected.map(|d| d.to_string()).unwrap_or_default();
-        let (file, mut meta) = match record_with_data(store, reference, &data)? {
+        let (file, mut meta) = match record_with_data(store, reference)? {
             Some(mut meta) => {
                 if total > 0 && meta.total > 0 && total != meta.total {
                     return Err(StoreError::FailedPrecondition(format!(
@@ -365,26 +365,13 @@ impl Drop for Ingest {
 }
 
 /// The record of the ingest of `reference`, if it has one and its data file
-/// exists. A record without data (an abort while an older version still
-/// wrote the ingest brought it back) is dropped here, on first use, so that
-/// the ingest starts over instead of failing every open until a restart.
-fn record_with_data(
-    store: &Store,
-    reference: &str,
-    data: &Path,
-) -> Result<Option<IngestMeta>, StoreError> {
+/// exists. A record without data is dropped here, on first use, so that the
+/// ingest starts over instead of failing every open until a restart.
+fn record_with_data(store: &Store, reference: &str) -> Result<Option<IngestMeta>, StoreError> {
     let Some(meta) = store.meta.ingest(reference)? else {
         return Ok(None);
     };
-    let exists = data
-        .try_exists()
-        .map_err(|e| StoreError::io(format!("stat {}", data.display()), e))?;
-    if exists {
-        return Ok(Some(meta));
-    }
-    tracing::warn!(%reference, "ingest record without data: starting the ingest over");
-    store.remove_ingest(reference)?;
-    Ok(None)
+    Ok((!store.drop_ingest_without_data(reference)?).then_some(meta))
 }
 
 /// Writes an open ingest's record back, unless an abort removed it (and its

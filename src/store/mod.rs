@@ -536,16 +536,28 @@ impl Store {
         }
     }
 
+    /// Drops the ingest record of `reference` if its data file is gone (a
+    /// crash between a commit's rename and its cleanup; or an abort that an
+    /// older version's download undid by writing the record back); whether
+    /// it did.
+    pub(crate) fn drop_ingest_without_data(&self, reference: &str) -> Result<bool, StoreError> {
+        let data = self.ingest_dir(reference).join(ingest::DATA_FILE);
+        let exists = data
+            .try_exists()
+            .map_err(|e| StoreError::io(format!("stat {}", data.display()), e))?;
+        if !exists {
+            tracing::warn!(%reference, "dropping ingest record without data");
+            self.remove_ingest(reference)?;
+        }
+        Ok(!exists)
+    }
+
     /// Drops records whose data is gone and directories without a record.
     fn recover_ingests(&self) -> Result<(), StoreError> {
         let mut known = HashSet::new();
         for (reference, _) in self.meta.ingests()? {
-            let dir = self.ingest_dir(&reference);
-            if dir.join(ingest::DATA_FILE).exists() {
-                known.insert(dir);
-            } else {
-                tracing::warn!(%reference, "dropping ingest record without data");
-                self.remove_ingest(&reference)?;
+            if !self.drop_ingest_without_data(&reference)? {
+                known.insert(self.ingest_dir(&reference));
             }
         }
         let ingest_root = self.root.join("ingest");
