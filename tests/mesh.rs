@@ -22,15 +22,13 @@ use containerd_client::services::v1::ListStatusesRequest;
 use containerd_client::services::v1::content_client::ContentClient;
 
 use common::mesh::{
-    field, image_bytes, layer_blobs, lines_with, metric, pull, scrape, start_node, start_nodes,
-    start_supernode, start_supernode_with, testbed, with_infra,
+    BENCH256, field, image_bytes, layer_blobs, lines_with, metric, pull, scrape, start_node,
+    start_nodes, start_supernode, start_supernode_with, testbed, with_infra,
 };
 use common::{
     CatalogImage, Containerd, Dfdaemon, Node, Registry, rendezvous_owner, sha256_file, wait_for,
 };
 
-/// The image most tests pull: 3 uncompressed layers of 128, 96 and 32 MiB.
-const BENCH256: &str = "damselfly/bench256:v1";
 /// Piece size of every blob here (under 1 GiB).
 const PIECE: u64 = damselfly::protocol::piece::DEFAULT_PIECE_SIZE;
 /// dfdaemon's log message when a node fetches a blob from the registry

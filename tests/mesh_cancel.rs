@@ -14,12 +14,10 @@ use std::thread;
 use std::time::Duration;
 
 use common::mesh::{
-    field, layer_blobs, lines_with, pull, start_nodes, start_supernode, testbed, with_infra,
+    BENCH256, field, layer_blobs, lines_with, pull, start_nodes, start_supernode, testbed,
+    with_infra,
 };
 use common::{Containerd, sha256_file, wait_for};
-
-/// 3 uncompressed layers of 128, 96 and 32 MiB.
-const BENCH256: &str = "damselfly/bench256:v1";
 
 /// n1 ingests the image from a slow registry; n2's pull is killed while n2
 /// downloads the big layer from n1, then containerd's GC on n2 removes the

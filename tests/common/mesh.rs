@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use super::netns::{Host, TestNet};
 use super::{CatalogBlob, CatalogImage, Containerd, Node, Plugins, Registry, Scratch, Supernode};
 
+/// The image the mesh tests pull: 3 uncompressed layers of 128, 96 and
+/// 32 MiB (test-images set `bench256`).
+pub const BENCH256: &str = "damselfly/bench256:v1";
 /// Heartbeats told to daemons: a dead host is dropped after 3 missed ones
 /// (1.5 to 2 s), well inside a downloader's stall timeout.
 pub const HEARTBEAT_MS: &str = "500";
